@@ -19,6 +19,8 @@ CORE = [
     "ftfy==6.3.1",
     "regex>=2024.1.1",
     "safetensors==0.8.0",
+    # TensorBoard event files (tf.summary needs the tensorboard package).
+    "tensorboard==2.20.0",
 ]
 TEST = ["pytest>=8", "pytest-xdist>=3.5"]
 # PyTorch side: export/import checks against the real libraries.

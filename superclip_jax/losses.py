@@ -137,3 +137,44 @@ def contrastive_loss(kind: str, out):
   if kind == "sigmoid":
     return siglip_loss(out["zimg"], out["ztxt"], out["logit_scale"], out["logit_bias"])
   raise ValueError(f"loss.contrastive must be 'softmax' or 'sigmoid', got {kind!r}")
+
+
+def sharded_contrastive_loss(kind: str, out, mesh, batch_axes=("data", "fsdp")):
+  """The same loss as `contrastive_loss`, computed so that no device holds more than
+  [local batch, global batch] logits (OpenCLIP's --local-loss --gather-with-grad).
+
+  Each device all-gathers the other side's embeddings and scores its own rows against the
+  whole batch, for image->text and text->image separately; per-device partial sums are added
+  with psum. Gradients flow through the gathers (their transpose is a reduce-scatter).
+  """
+  from jax.sharding import PartitionSpec as P
+
+  axes = tuple(a for a in batch_axes if a in mesh.shape)
+  global_batch = out["zimg"].shape[0]
+  spec = P(axes)
+
+  def local(zimg, ztxt, scale, bias):
+    all_img = jax.lax.all_gather(zimg, axes, axis=0, tiled=True)
+    all_txt = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)
+    n_local = zimg.shape[0]
+    offset = jax.lax.axis_index(axes) * n_local
+    labels = offset + jnp.arange(n_local)
+    img_logits = scale * jnp.einsum("id,td->it", zimg, all_txt,
+                                    preferred_element_type=jnp.float32)
+    if kind == "softmax":
+      txt_logits = scale * jnp.einsum("td,id->ti", ztxt, all_img,
+                                      preferred_element_type=jnp.float32)
+      i2t = -jnp.take_along_axis(jax.nn.log_softmax(img_logits, axis=1), labels[:, None], 1)
+      t2i = -jnp.take_along_axis(jax.nn.log_softmax(txt_logits, axis=1), labels[:, None], 1)
+      partial = 0.5 * (jnp.sum(i2t) + jnp.sum(t2i)) / global_batch
+    else:
+      logits = img_logits + bias
+      signs = jnp.where(labels[:, None] == jnp.arange(global_batch)[None, :], 1.0, -1.0)
+      partial = -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / global_batch
+    return jax.lax.psum(partial, axes)
+
+  if kind not in ("softmax", "sigmoid"):
+    raise ValueError(f"loss.contrastive must be 'softmax' or 'sigmoid', got {kind!r}")
+  bias = out.get("logit_bias", jnp.zeros((), jnp.float32))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())
+  return fn(out["zimg"], out["ztxt"], out["logit_scale"], bias)

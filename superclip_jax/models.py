@@ -48,7 +48,7 @@ class TowerSize:
 VIT_SIZES = {
     "mu": TowerSize(width=64, layers=2, heads=2),
     "Ti": TowerSize(width=192, layers=12, heads=3),
-    "demo": TowerSize(width=192, layers=4, heads=3),
+    "demo": TowerSize(width=128, layers=3, heads=4),
     "S": TowerSize(width=384, layers=12, heads=6),
     "B": TowerSize(width=768, layers=12, heads=12),
     "L": TowerSize(width=1024, layers=24, heads=16),
@@ -58,13 +58,13 @@ VIT_SIZES = {
 TEXT_SIZES = {
     "mu": TowerSize(width=64, layers=2, heads=2),
     "Ti": TowerSize(width=256, layers=6, heads=4),
-    "demo": TowerSize(width=128, layers=4, heads=2),
+    "demo": TowerSize(width=96, layers=2, heads=2),
     "S": TowerSize(width=384, layers=12, heads=6),
     "B": TowerSize(width=512, layers=12, heads=8),
     "L": TowerSize(width=768, layers=12, heads=12),
     "H": TowerSize(width=1024, layers=24, heads=16),
 }
-EMBED_DIMS = {"mu": 32, "Ti": 256, "demo": 128, "S": 384, "B": 512, "L": 768, "H": 1024}
+EMBED_DIMS = {"mu": 32, "Ti": 256, "demo": 96, "S": 384, "B": 512, "L": 768, "H": 1024}
 
 
 def parse_variant(variant: str) -> tuple[str, int]:

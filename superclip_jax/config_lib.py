@@ -1,0 +1,144 @@
+"""Config building blocks shared by `configs/*.py`, and validation before anything compiles.
+
+Config files stay the single source of truth: each defines `get_config(arg=None)` returning a
+`ml_collections.ConfigDict`; `arg` is the text after ':' in `--config=file.py:key=value,...`.
+Field names follow big_vision where it has one.
+"""
+from __future__ import annotations
+
+import ast
+import math
+
+import ml_collections
+
+# Official SuperCLIP weight-decay exemptions: names containing ln / bn / bias / logit_scale
+# (tensors with ndim < 2 are exempt regardless, see optim.weight_decay_mask).
+DEFAULT_WD_MULTS = (
+    (r".*(ln|bn)[^/]*/.*", 0.0),
+    (r".*/bias", 0.0),
+    (r"logit_(scale|bias)", 0.0),
+    (r".*", 1.0),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'key=value,key2=value2' -> ConfigDict over `defaults`; values typed like the defaults.
+
+  Unknown keys are an error that names them, so a typo never silently does nothing.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if "=" not in item:
+      raise ValueError(f"Config arg {item!r} is not key=value (known keys: {sorted(defaults)})")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ValueError(f"Unknown config arg {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, (int, float)):
+      out[key] = type(default)(ast.literal_eval(value))
+    else:
+      out[key] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults (the paper's B/16 recipe where it has one)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 31_250
+  c.lr = 1e-3
+  c.wd = 0.2
+  c.wd_mults = DEFAULT_WD_MULTS
+  c.frozen = ()  # regexes of parameter names kept fixed (e.g. LiT: ('visual/.*',))
+  c.grad_clip_norm = 0.0  # 0 = off
+  c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-6))
+  c.schedule = ml_collections.ConfigDict(dict(warmup_steps=500, decay_type="cosine"))
+
+  c.model = ml_collections.ConfigDict(dict(
+      mode="superclip",  # 'superclip' | 'clip' (no head) | 'superclass' (head only)
+      variant="B/16",
+      image_size=224,
+      context_length=77,
+      vocab_size=49408,
+      quick_gelu=False,
+      patch_dropout=0.0,  # FLIP: fraction of patches dropped in training
+      head_blocks=0,
+      logit_scale_init=math.log(1 / 0.07),
+      logit_bias=ml_collections.FieldReference(None, field_type=float),  # SigLIP only
+      dtype="bfloat16",  # compute dtype; parameters are float32
+      remat_policy="none",  # 'none' | 'full' | a jax.checkpoint_policies name
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      contrastive="softmax",  # 'softmax' (CLIP) | 'sigmoid' (SigLIP)
+      class_weight=1.0,  # lambda: total = contrastive + lambda * class
+      use_idf=True,
+  ))
+  c.input = ml_collections.ConfigDict(dict(
+      data="demo",
+      batch_size=16_384,  # global
+      shuffle_buffer=0,
+      # The built-in demo data, rendered at model.image_size. long_captions_for_head: the
+      # class head learns from the long caption (the paper's "dual" captions, Table 5).
+      demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False)),
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding_rules = ((".*", "replicate"),)
+  c.init_from = ""  # a PyTorch CLIP/SuperCLIP checkpoint (file or OpenCLIP directory)
+  c.nan_policy = "stop"  # 'stop' | 'skip': what a non-finite loss or gradient does
+
+  c.log_training_steps = 50
+  c.ckpt_steps = 1000
+  c.keep_ckpts = 3  # last K
+  c.keep_ckpt_steps = 0  # plus every M-th step forever (0 = none)
+  c.evals = ml_collections.ConfigDict()
+  return c
+
+
+def paper_recipe(mode: str, variant: str, contrastive: str = "softmax"):
+  """The SuperCLIP paper's training recipe (superclip_vit_b16_s512m_bs16k)."""
+  c = base_config()
+  c.model.mode = mode
+  c.model.variant = variant
+  c.loss.contrastive = contrastive
+  if contrastive == "sigmoid":  # OpenCLIP's SigLIP init: scale ln 10, bias -10
+    c.model.logit_bias = -10.0
+    c.model.logit_scale_init = math.log(10.0)
+  c.input.batch_size = 16_384
+  c.total_steps = 512_000_000 // c.input.batch_size  # 31,250
+  c.log_training_steps = 50
+  c.ckpt_steps = 1000
+  return c
+
+
+MODES = ("superclip", "clip", "superclass")
+
+
+def validate(config) -> None:
+  """Checks a config before anything is built; every error says what to change."""
+  m = config.model
+  if m.mode not in MODES:
+    raise ValueError(f"config.model.mode={m.mode!r}: use one of {MODES}")
+  if config.loss.contrastive not in ("softmax", "sigmoid"):
+    raise ValueError(f"config.loss.contrastive={config.loss.contrastive!r}: use 'softmax' or "
+                     "'sigmoid'")
+  if config.loss.contrastive == "sigmoid" and m.get("logit_bias") is None:
+    raise ValueError("config.loss.contrastive='sigmoid' needs config.model.logit_bias "
+                     "(e.g. -10.0, OpenCLIP's SigLIP init)")
+  if m.mode == "clip" and config.loss.class_weight and config.loss.class_weight != 1.0:
+    raise ValueError("config.model.mode='clip' has no class head, so loss.class_weight is "
+                     "unused; leave it at 1.0 or use mode='superclip'")
+  for name in ("total_steps", "log_training_steps", "ckpt_steps"):
+    if int(config[name]) <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.input.batch_size <= 0:
+    raise ValueError(f"config.input.batch_size must be positive, got {config.input.batch_size}")
+  if config.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
+  if not 0.0 <= m.patch_dropout < 1.0:
+    raise ValueError(f"config.model.patch_dropout={m.patch_dropout} must be in [0, 1)")
+  if m.dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")

@@ -1,0 +1,77 @@
+"""The device mesh and where every array lives on it.
+
+The mesh has two axes, 'data' and 'fsdp'; the batch is split over both. Parameters and
+optimizer state are placed by `config.sharding_rules` (regex over parameter names, first match
+wins):
+  'replicate'            a full copy on every device
+  'fsdp'                 split along the largest dimension divisible by the 'fsdp' axis size
+                         (replicated when no dimension divides)
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from superclip_jax import param_rules
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """Mesh('data', 'fsdp') from config sizes; one size may be -1 (all remaining devices)."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  sizes = [int(mesh_config.data), int(mesh_config.fsdp)]
+  if sizes.count(-1) > 1:
+    raise ValueError("config.mesh: at most one of data/fsdp may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(f"config.mesh {dict(mesh_config)} does not fit {n} devices")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise ValueError(f"config.mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} "
+                     f"devices, but {n} are available; use -1 for one axis to fill")
+  return Mesh(np.asarray(devices).reshape(sizes), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+  if global_batch % mesh.size:
+    raise ValueError(f"input.batch_size={global_batch} must be divisible by the number of "
+                     f"devices ({mesh.size}); e.g. {global_batch // mesh.size * mesh.size or mesh.size}")
+
+
+def _spec(rule: str, shape, fsdp_size: int) -> P:
+  if rule == "replicate":
+    return P()
+  if rule == "fsdp":
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+      if shape[d] % fsdp_size == 0 and shape[d] >= fsdp_size:
+        spec = [None] * len(shape)
+        spec[d] = "fsdp"
+        return P(*spec)
+    return P()
+  raise ValueError(f"Unknown sharding rule {rule!r}: use 'replicate' or 'fsdp'")
+
+
+def tree_shardings(rules, tree, mesh: Mesh):
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by name rules.
+
+  Leaves without a parameter-like name (optimizer counters, scalars) are replicated.
+  """
+  fsdp_size = mesh.shape["fsdp"]
+  chosen = param_rules.tree_match(rules, tree, default="replicate", what="sharding rule")
+  return jax.tree.map(
+      lambda r, x: NamedSharding(mesh, _spec(r, np.shape(x), fsdp_size)), chosen, tree)

@@ -1,0 +1,76 @@
+"""The train state — everything a run needs to continue exactly — and its sharded creation.
+
+State lives only here: params, optimizer state, step, RNG, the IDF document counts and the
+data position (global examples consumed). The full state never exists on one device: shapes
+come from `jax.eval_shape`, and a jitted init writes each array straight into its shards.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from superclip_jax import losses, models, optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []: optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 [2]: raw key data (checkpoints hold plain arrays)
+  idf: losses.IdfCounts  # running document frequencies over every caption seen
+  examples_seen: losses.ExactCount  # data position: global examples consumed so far
+
+
+def dummy_inputs(config):
+  m = config.model
+  return (jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32),
+          jnp.zeros((1, m.context_length), jnp.int32))
+
+
+def init_params(model: models.SuperCLIP, config, rng):
+  return model.init({"params": rng}, *dummy_inputs(config))["params"]
+
+
+class StateFactory:
+  """Builds the model, optimizer and (abstract or real) train state for a config and mesh."""
+
+  def __init__(self, config, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.model = models.model_from_config(config.model)
+    abstract_params = jax.eval_shape(lambda r: init_params(self.model, config, r),
+                                     jax.random.key(0))
+    self.tx, self.schedule = optim.make_optimizer(config, abstract_params)
+    self.abstract = jax.eval_shape(self._init, jnp.zeros((2,), jnp.uint32))
+    self.shardings = sharding.tree_shardings(config.sharding_rules, self.abstract, mesh)
+
+  def _init(self, rng_data, params=None):
+    rng = jax.random.wrap_key_data(rng_data)
+    params_rng, train_rng = jax.random.split(rng)
+    if params is None:
+      params = init_params(self.model, self.config, params_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        rng=jax.random.key_data(train_rng),
+        idf=losses.IdfCounts.zeros(self.config.model.vocab_size),
+        examples_seen=losses.ExactCount.zeros(),
+    )
+
+  def create(self, params=None) -> TrainState:
+    """A fresh state, sharded over the mesh. `params`: start from these instead of init."""
+    rng = jax.random.key_data(jax.random.key(self.config.seed))
+    if params is None:
+      return jax.jit(self._init, out_shardings=self.shardings)(rng)
+    params = jax.device_put(params, self.shardings.params)
+    return jax.jit(self._init, out_shardings=self.shardings)(rng, params)
+
+  def abstract_with_shardings(self):
+    """ShapeDtypeStructs carrying the target shardings (what a restore needs)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract, self.shardings)
