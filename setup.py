@@ -19,10 +19,13 @@ CORE = [
     "ftfy==6.3.1",
     "regex>=2024.1.1",
     "safetensors==0.8.0",
+    "pillow==13.0.0",  # image decoding and OpenCLIP-equal resizing in the input pipeline
     # TensorBoard event files (tf.summary needs the tensorboard package).
     "tensorboard==2.20.0",
 ]
-TEST = ["pytest>=8", "pytest-xdist>=3.5"]
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets==4.9.10"]
+# Reading tfds datasets (imported only when a 'tfds:' source is used).
+TFDS = ["tensorflow-datasets==4.9.10"]
 # PyTorch side: export/import checks against the real libraries.
 TORCH = [
     "torch==2.14.1",
@@ -39,5 +42,5 @@ setuptools.setup(
     package_data={"superclip_jax": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"test": TEST, "torch": TORCH, "all": TEST + TORCH},
+    extras_require={"test": TEST, "tfds": TFDS, "torch": TORCH, "all": TEST + TFDS + TORCH},
 )

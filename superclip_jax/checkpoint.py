@@ -42,6 +42,7 @@ class Checkpointer:
         keep_period=config.keep_ckpt_steps or None,
         enable_async_checkpointing=True,
         create=True,
+        cleanup_tmp_directories=True,  # leftovers of a write killed midway
     )
     self.directory = epath.Path(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)

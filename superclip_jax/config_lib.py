@@ -78,9 +78,21 @@ def base_config() -> ml_collections.ConfigDict:
       use_idf=True,
   ))
   c.input = ml_collections.ConfigDict(dict(
+      # One spec or a ';'-separated weighted mixture (docs/data.md): 'demo',
+      # 'wds:/data/{00000..01023}.tar', 'tfrecord:PATTERN', 'tfds:NAME:SPLIT', 'folder:PATH',
+      # options after '?': image=, text=, long_text=, label=, data_dir=, weight=.
       data="demo",
       batch_size=16_384,  # global
-      shuffle_buffer=0,
+      shuffle_buffer=5000,  # records, per process
+      cycle_length=8,  # shards read in parallel per process
+      image_key="", text_key="", long_text_key="", label_key="",  # field names ('' = default)
+      label_templates=("a photo of a {}.",),  # captions for label-only sources
+      crop_scale=(0.9, 1.0),  # RandomResizedCrop scale
+      skip_missing_shards=False,
+      tfds_data_dir="",
+      seed=ml_collections.FieldReference(None, field_type=int),  # default: config.seed
+      threads=0,  # tf.data private threadpool (0 = TF's default)
+      prefetch=2,
       # The built-in demo data, rendered at model.image_size. long_captions_for_head: the
       # class head learns from the long caption (the paper's "dual" captions, Table 5).
       demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False)),
@@ -134,6 +146,8 @@ def validate(config) -> None:
   for name in ("total_steps", "log_training_steps", "ckpt_steps"):
     if int(config[name]) <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  from superclip_jax.data import input_pipeline  # TF import only when validating a run
+  input_pipeline.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:
     raise ValueError(f"config.input.batch_size must be positive, got {config.input.batch_size}")
   if config.nan_policy not in ("stop", "skip"):

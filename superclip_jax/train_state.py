@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from superclip_jax import losses, models, optim, sharding
+from superclip_jax.data import input_pipeline
 
 
 @flax.struct.dataclass
@@ -23,6 +24,9 @@ class TrainState:
   rng: jax.Array  # uint32 [2]: raw key data (checkpoints hold plain arrays)
   idf: losses.IdfCounts  # running document frequencies over every caption seen
   examples_seen: losses.ExactCount  # data position: global examples consumed so far
+  # int32 [processes, sources, 2]: each source's next (group, offset) on each process
+  # (input_pipeline.advance_position); file sources resume from it exactly.
+  data_position: jax.Array
 
 
 def dummy_inputs(config):
@@ -47,6 +51,8 @@ class StateFactory:
     self.tx, self.schedule = optim.make_optimizer(config, abstract_params)
     self.abstract = jax.eval_shape(self._init, jnp.zeros((2,), jnp.uint32))
     self.shardings = sharding.tree_shardings(config.sharding_rules, self.abstract, mesh)
+    # Every host reads the whole table at a restart: keep it replicated whatever the rules.
+    self.shardings = self.shardings.replace(data_position=sharding.replicated(mesh))
 
   def _init(self, rng_data, params=None):
     rng = jax.random.wrap_key_data(rng_data)
@@ -60,6 +66,7 @@ class StateFactory:
         rng=jax.random.key_data(train_rng),
         idf=losses.IdfCounts.zeros(self.config.model.vocab_size),
         examples_seen=losses.ExactCount.zeros(),
+        data_position=jnp.zeros(input_pipeline.position_shape(self.config), jnp.int32),
     )
 
   def create(self, params=None) -> TrainState:

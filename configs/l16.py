@@ -1,0 +1,7 @@
+"""SuperCLIP ViT-L/16 with the B/16 schedule (as the paper)."""
+from superclip_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, mode="superclip", contrastive="softmax")
+  return config_lib.paper_recipe(arg.mode, "L/16", arg.contrastive)

@@ -1,0 +1,146 @@
+"""The built-in demo data: procedurally rendered shapes with captions, deterministic by seed.
+
+Each example is an image of one main object (shape, colour, size, position) and a smaller
+second object on a light or dark background, with
+  * a short caption about the main object (several phrasings: "a large red circle in the top
+    left", "a blue square", ...), and
+  * a long caption describing both objects and the background.
+Example `i` of a split depends only on (seed, split, i), so any position of the stream can be
+produced directly: resuming is exact and each host can render its own slice.
+
+Held-out splits ('zeroshot', 'retrieval') use a different stream from 'train'. Zero-shot tasks
+ask for the main object's colour, shape or position.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+    "yellow": (230, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+BACKGROUNDS = {"dark": (30, 30, 35), "light": (200, 200, 190)}
+SPLITS = {"train": 0, "zeroshot": 1, "retrieval": 2}
+
+# Zero-shot tasks: attribute -> (class names, prompt templates). The templates are phrasings
+# the captions use, as CLIP's ImageNet templates are phrasings of web captions.
+ZEROSHOT_TASKS = {
+    "colour": (COLOUR_NAMES, ("a {} shape", "a photo of a {} object", "a {} object")),
+    "shape": (SHAPES, ("a {}", "a photo of a {}", "a {} on a plain background")),
+    "position": (POSITIONS, ("a shape in the {}", "an object in the {} of the image")),
+}
+
+_SHORT_TEMPLATES = (
+    "a {size} {colour} {shape}",
+    "a {colour} {shape}",
+    "a {colour} {shape} in the {pos}",
+    "a {size} {colour} {shape} in the {pos}",
+    "a photo of a {colour} {shape}",
+    "a photo of a {size} {shape}",
+    "a {shape}",
+    "a photo of a {shape}",
+    "a {shape} on a plain background",
+    "a {colour} shape",
+    "a {colour} object",
+    "a photo of a {colour} object",
+    "a {size} {colour} shape in the {pos}",
+    "a shape in the {pos}",
+    "an object in the {pos} of the image",
+    "a {colour} {shape} on a {bg} background",
+)
+_LONG_TEMPLATE = ("a photo of a {size} {colour} {shape} in the {pos} of the image on a {bg} "
+                  "background, next to a small {colour2} {shape2} in the {pos2}")
+
+# Region centres (fractions of the image side) for each position name.
+_CENTRES = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
+            "bottom right": (0.72, 0.72), "center": (0.5, 0.5)}
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+  y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+  dx, dy = x - cx, y - cy
+  if shape == "circle":
+    return dx * dx + dy * dy <= r * r
+  if shape == "square":
+    return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+  if shape == "triangle":  # apex up
+    t = (dy + r) / (2 * r)  # 0 at the apex, 1 at the base
+    return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r)
+  if shape == "cross":
+    arm = 0.35 * r
+    return (((np.abs(dx) <= arm) & (np.abs(dy) <= r)) |
+            ((np.abs(dy) <= arm) & (np.abs(dx) <= r)))
+  raise ValueError(shape)
+
+
+def sample_attributes(rng: np.random.Generator) -> dict:
+  a = {
+      "shape": SHAPES[rng.integers(len(SHAPES))],
+      "colour": COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))],
+      "size": SIZES[rng.integers(len(SIZES))],
+      "pos": POSITIONS[rng.integers(len(POSITIONS))],
+      "bg": tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+  }
+  # The second object sits in another region and has another colour.
+  a["pos2"] = [p for p in POSITIONS if p != a["pos"]][rng.integers(len(POSITIONS) - 1)]
+  a["colour2"] = [c for c in COLOUR_NAMES if c != a["colour"]][
+      rng.integers(len(COLOUR_NAMES) - 1)]
+  a["shape2"] = SHAPES[rng.integers(len(SHAPES))]
+  return a
+
+
+def render(attrs: dict, image_size: int, rng: np.random.Generator) -> np.ndarray:
+  """-> uint8 [image_size, image_size, 3]."""
+  s = image_size
+  img = np.empty((s, s, 3), np.float32)
+  img[:] = BACKGROUNDS[attrs["bg"]]
+  # The second object is clearly smaller than even a small main object, so that which object
+  # a short caption describes is never ambiguous.
+  objects = [(attrs["shape2"], attrs["colour2"], 0.07, attrs["pos2"]),
+             (attrs["shape"], attrs["colour"], 0.15 if attrs["size"] == "small" else 0.22,
+              attrs["pos"])]
+  for shape, colour, radius, pos in objects:  # main object last, on top
+    fx, fy = _CENTRES[pos]
+    cx = (fx + rng.uniform(-0.05, 0.05)) * s
+    cy = (fy + rng.uniform(-0.05, 0.05)) * s
+    r = radius * s * rng.uniform(0.9, 1.1)
+    tint = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 12, 3)
+    img[_mask(shape, s, cx, cy, r)] = tint
+  img += rng.normal(0, 6, img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def example(seed: int, split: str, index: int, image_size: int) -> dict:
+  """One example: image uint8 [H, W, 3], caption, long_caption, and the attribute labels."""
+  rng = _rng(seed, split, index)
+  a = sample_attributes(rng)
+  caption = _SHORT_TEMPLATES[rng.integers(len(_SHORT_TEMPLATES))].format(**a)
+  long_caption = _LONG_TEMPLATE.format(**a)
+  return {
+      "image": render(a, image_size, rng),
+      "caption": caption,
+      "long_caption": long_caption,
+      "colour": COLOUR_NAMES.index(a["colour"]),
+      "shape": SHAPES.index(a["shape"]),
+      "position": POSITIONS.index(a["pos"]),
+  }
+
+
+def batch(seed: int, split: str, indices, image_size: int) -> dict:
+  """Examples for `indices` stacked: image [n, H, W, 3] uint8, captions as bytes arrays."""
+  exs = [example(seed, split, int(i), image_size) for i in indices]
+  out = {k: np.stack([e[k] for e in exs]) for k in ("image", "colour", "shape", "position")}
+  for k in ("caption", "long_caption"):
+    out[k] = np.array([e[k].encode() for e in exs], dtype=object)
+  out["colour"] = out["colour"].astype(np.int32)
+  out["shape"] = out["shape"].astype(np.int32)
+  out["position"] = out["position"].astype(np.int32)
+  return out

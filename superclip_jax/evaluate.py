@@ -1,0 +1,81 @@
+"""Runs the configured evaluators on a checkpoint, logging as training does.
+
+  python -m superclip_jax.evaluate --workdir=DIR                     # the run's own evals
+  python -m superclip_jax.evaluate --config=configs/b16.py --workdir=DIR --step=20000
+  python -m superclip_jax.evaluate --workdir=DIR --evals=zeroshot_imagenet
+
+The model comes from the workdir (its config.json and checkpoint, the latest unless --step);
+`--config` (default: the workdir's config) supplies `evals`, `mesh` and nothing that would
+change the model. Results go to DIR/metrics.jsonl, TensorBoard and stdout as
+'{eval name}/{metric}' at the checkpoint's step, exactly like evaluations during training.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from superclip_jax import checkpoint, evaluators, metrics_log, models, sharding
+
+# Model fields that may differ between the training config and the eval config.
+_FREE_MODEL_FIELDS = ("dtype", "remat_policy", "patch_dropout")
+
+
+def check_same_model(saved, given) -> None:
+  """Raises if `given.model` would build another model than the checkpoint's `saved.model`."""
+  a, b = saved.model.to_dict(), given.model.to_dict()
+  diff = sorted(k for k in set(a) | set(b)
+                if k not in _FREE_MODEL_FIELDS and a.get(k) != b.get(k))
+  if diff:
+    raise ValueError("--config describes another model than the checkpoint: "
+                     + ", ".join(f"model.{k}={b.get(k)!r} (checkpoint: {a.get(k)!r})"
+                                 for k in diff)
+                     + ". Use the run's config (omit --config) or one with the same model.")
+
+
+def evaluate(workdir: str, config=None, step: int | None = None, names=None) -> dict:
+  """Runs `config.evals` (or those in `names`) on a checkpoint; returns {name/metric: value}."""
+  saved = checkpoint.read_config(workdir)
+  config = saved if config is None else config
+  check_same_model(saved, config)
+  mesh = sharding.make_mesh(config.mesh)
+  _, _, state = checkpoint.load_state(workdir, step, mesh=mesh)
+  evals = evaluators.build(config, models.model_from_config(config.model), mesh, names)
+  if not evals:
+    raise ValueError("config.evals is empty: nothing to evaluate (pass --config with evals)")
+  step = int(state.step)
+  logger = metrics_log.MetricLogger(workdir, config.total_steps, config.input.batch_size)
+  results = {}
+  try:
+    for name, _, evaluator in evals:
+      t0 = time.monotonic()
+      metrics = {f"{name}/{k}": v for k, v in evaluator.run(state.params).items()}
+      metrics[f"{name}/seconds"] = time.monotonic() - t0
+      logger.write(step, metrics)
+      results.update(metrics)
+  finally:
+    logger.close()
+  return results
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  evaluate(flags.FLAGS.workdir, flags.FLAGS.config, flags.FLAGS.step, flags.FLAGS.evals)
+
+
+def define_flags():
+  """Flags of the command (defined only when run as one, so the module imports anywhere)."""
+  config_flags.DEFINE_config_file("config", None, "Config file whose `evals` to run (default: "
+                                  "the workdir's config.json)", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's directory (config.json + checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_list("evals", None, "Run only these entries of config.evals.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,27 @@
+"""Entry point: python -m superclip_jax.main --config=configs/demo.py --workdir=DIR"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from superclip_jax import distributed, train
+
+config_flags.DEFINE_config_file("config", None, "Config file (get_config); file.py:key=value",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config of the run.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs "
+                    "outside Cloud TPU / SLURM, where this is automatic).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:  # orbax is chatty at INFO; progress goes to stdout
+    logging.set_verbosity(logging.WARNING)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,78 @@
+"""Zero-shot probabilities and class-head tags for images, from a trained workdir.
+
+  python -m superclip_jax.predict --workdir=DIR --image=cat.jpg --labels="a cat,a dog"
+  python -m superclip_jax.predict --workdir=DIR --image=a.jpg,b.png --top_k=5
+
+For each image: the probability of each label (softmax over the labels of the scaled cosine
+similarities; each label's own sigmoid for SigLIP runs) and the class head's top-k vocabulary
+tokens with their probabilities. Models without a text tower print only tags, models without
+a head only the labels.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from superclip_jax.data import transforms
+
+
+def read_image(path: str):
+  """An image file decoded by PIL, as OpenCLIP reads it (any format PIL knows)."""
+  import tensorflow as tf
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"--image {path!r} does not exist")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return transforms.decode(f.read())
+
+
+def predict(model, paths: Sequence[str], labels: Sequence[str] = (),
+            templates: Sequence[str] = ("{}",), top_k: int = 10) -> str:
+  """The report `main` prints, for an `inference.Model`."""
+  images = np.stack([model.preprocess(read_image(p)) for p in paths])
+  probs = (model.zero_shot(images, labels, templates)
+           if labels and model.mode != "superclass" else None)
+  tags = model.tags(images, top_k) if model.mode != "clip" and top_k > 0 else None
+  kind = "sigmoid, each label" if model.logit_bias is not None else "softmax over labels"
+  lines = []
+  for i, path in enumerate(paths):
+    lines.append(path)
+    if probs is not None:
+      lines.append(f"  zero-shot ({kind}):")
+      for j in np.argsort(-probs[i], kind="stable"):
+        lines.append(f"    {probs[i, j]:.4f}  {labels[j]}")
+    if tags is not None:
+      lines.append(f"  tags (class head, top {len(tags[i])}):")
+      lines += [f"    {t.score:.4f}  {t.name}" for t in tags[i]]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from superclip_jax import inference
+  f = flags.FLAGS
+  model = inference.load(f.workdir, f.step, dtype=f.dtype)
+  if f.labels and model.mode == "superclass":
+    logging.warning("model.mode='superclass' has no text tower: --labels ignored")
+  print(predict(model, f.image, f.labels, f.templates, f.top_k), flush=True)
+
+
+def define_flags():
+  """Flags of the command (defined only when run as one, so the module imports anywhere)."""
+  flags.DEFINE_string("workdir", None, "The run's directory (config.json + checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_list("image", None, "Image file(s), comma-separated (any format PIL reads).")
+  flags.DEFINE_list("labels", [], "Zero-shot labels, comma-separated (e.g. 'a cat,a dog').")
+  flags.DEFINE_list("templates", ["{}"], "Prompt templates with one '{}' for the label, "
+                    "averaged per label (default: the label itself).")
+  flags.DEFINE_integer("top_k", 10, "How many class-head tags to print.")
+  flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. float32 on CPUs.")
+  flags.mark_flags_as_required(["workdir", "image"])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m superclip_jax.tools.<name> --help`."""

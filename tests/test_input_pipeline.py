@@ -1,0 +1,522 @@
+"""The input pipeline on tiny shards: sources, damaged data, multi-host splits, exact resume."""
+import collections
+import io
+import json
+import os
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from superclip_jax import config_lib, tokenizer
+from superclip_jax.data import bad_records, input_pipeline, sources, transforms, webdataset
+
+SIZE = 16  # model.image_size in these tests
+
+
+# ---------------------------------------------------------------------------------------------
+# Test data: solid-colour images whose colour encodes the record, captions naming the key, so
+# that a batch row can be checked for image/caption alignment.
+
+def _colour(i):
+  return ((i * 37) % 200 + 30, (i * 91) % 200 + 30, (i * 53) % 200 + 30)
+
+
+def _image(i, fmt="PNG", size=(24, 20)):
+  out = io.BytesIO()
+  Image.new("RGB", size, _colour(i)).save(out, fmt)
+  return out.getvalue()
+
+
+def _caption(key):
+  return f"photo {key}"
+
+
+def _key_of_tokens(tokens):
+  return tokenizer.decode(tokens).replace(" ", "").removeprefix("photo")
+
+
+def _write_tar(path, members):
+  """members: (name, bytes); returns {name: offset of its header} for cutting the file."""
+  offsets = {}
+  with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    for name, data in members:
+      offsets[name] = tar.offset
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return offsets
+
+
+def _good(key, i, fmt="PNG", extra=None):
+  ext = "jpg" if fmt == "JPEG" else "png"
+  members = [(f"{key}.{ext}", _image(i, fmt)), (f"{key}.txt", _caption(key).encode())]
+  if extra:
+    members.append((f"{key}.json", json.dumps(extra).encode()))
+  return members
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+  """7 shards: 5 with good records (uneven sizes) and some damage, one of garbage, one empty.
+
+  Returns (spec, good keys, bad-record counts one pass over the data produces).
+  """
+  root = tmp_path_factory.mktemp("wds")
+  sizes = [7, 3, 12, 1, 5]
+  good, index = [], 0
+  for shard, n in enumerate(sizes):
+    members = []
+    for r in range(n):
+      key = f"s{shard}r{r}"
+      members += _good(key, index, "JPEG" if r % 3 == 0 else "PNG")
+      good.append(key)
+      index += 1
+    if shard == 0:
+      members += [("s0zero.jpg", b""), ("s0zero.txt", b"photo s0zero")]  # zero-byte image
+      members += [("s0utf.png", _image(1)), ("s0utf.txt", b"photo \xff\xfe")]
+    if shard == 2:
+      jpeg = _image(2, "JPEG", (60, 50))
+      members += [("s2trunc.jpg", jpeg[:len(jpeg) // 2]), ("s2trunc.txt", b"photo s2trunc")]
+      members += [("s2nocap.png", _image(3))]
+      members += [("s2noimg.txt", b"photo s2noimg"), ("s2noimg.json", b"{}")]
+    if shard == 4:
+      big = _image(4, "PNG", (200, 200))  # the tar ends inside this member
+      members += [("s4cut.png", big), ("s4cut.txt", b"photo s4cut")]
+    path = str(root / f"{shard:05d}.tar")
+    offsets = _write_tar(path, members)
+    if shard == 4:
+      with open(path, "r+b") as f:
+        f.truncate(offsets["s4cut.png"] + 512 + len(big) // 2)
+  (root / "00005.tar").write_bytes(np.random.default_rng(0).bytes(3000))  # not a tar
+  (root / "00006.tar").write_bytes(b"")  # zero bytes: not even an empty tar
+  expected = {"bad_image": 2, "caption_not_utf8": 1, "missing_caption": 1, "missing_image": 1,
+              "truncated_shard": 2, "corrupt_shard": 1}
+  return f"wds:{root}/{{00000..00006}}.tar", good, expected
+
+
+@pytest.fixture(scope="module")
+def caption_shards(tmp_path_factory):
+  """2 shards whose JSON has several captions and a long caption (for choice / dual)."""
+  root = tmp_path_factory.mktemp("wds_json")
+  for shard in range(2):
+    members = []
+    for r in range(10):
+      key = f"c{shard}r{r}"
+      extra = {"captions": [_caption(key), _caption(key + "x")],
+               "long_caption": f"long caption of {key}"}
+      if r == 3:
+        del extra["long_caption"]  # the head falls back to the caption
+      members += _good(key, shard * 10 + r, extra=extra)
+    _write_tar(str(root / f"{shard}.tar"), members)
+  return f"wds:{root}/{{0..1}}.tar"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("folder")
+  i = 0
+  for name in ("cat", "dog", "fish"):
+    (root / name).mkdir()
+    for r in range(4):
+      (root / name / f"{r}.png").write_bytes(_image(i))
+      i += 1
+  (root / "dog" / "notes.txt").write_text("not an image")
+  return str(root)
+
+
+def _config(data, batch=4, **fields):
+  c = config_lib.base_config()
+  c.model.image_size = SIZE
+  c.model.context_length = 16
+  c.input.batch_size = batch
+  c.input.data = data
+  c.input.shuffle_buffer = 5
+  c.input.cycle_length = 2
+  for k, v in fields.items():
+    c.input[k] = v
+  return c
+
+
+def _batches(ds, n):
+  it = ds.as_numpy_iterator()
+  return [next(it) for _ in range(n)]
+
+
+def _keys(batches):
+  return [k.decode() for b in batches for k in b["_key"]]
+
+
+def _check_alignment(batch):
+  """Every row's caption, key and image colour belong to the same record."""
+  pixels = batch["image"] * transforms.CLIP_STD + transforms.CLIP_MEAN
+  for key, tokens, image in zip(batch["_key"], batch["tokens"], pixels):
+    key = key.decode()
+    assert _key_of_tokens(tokens) == key.lower()
+    assert image.std(axis=(0, 1)).max() < 0.05  # a solid colour survived crop + resize
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec strings and patterns.
+
+def test_expand_braces():
+  assert sources.expand_braces("a/{000..002}.tar") == ["a/000.tar", "a/001.tar", "a/002.tar"]
+  assert sources.expand_braces("{8..10}") == ["8", "9", "10"]
+  assert sources.expand_braces("x{a,b}{0..1}") == ["xa0", "xa1", "xb0", "xb1"]
+  assert sources.expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_parse_spec():
+  assert sources.parse_spec("wds:gs://b/{0..9}.tar") == ("wds", "gs://b/{0..9}.tar", {})
+  assert sources.parse_spec("gs://b/{0..9}.tar")[0] == "wds"
+  assert sources.parse_spec("/d/x-{0..3}.tfrecord?text=caption") == (
+      "tfrecord", "/d/x-{0..3}.tfrecord", {"text": "caption"})
+  assert sources.parse_spec("demo") == ("demo", "", {})
+  assert sources._split_tfds_location("coco_captions:train", "s") == ("coco_captions", "train")
+  assert sources._split_tfds_location("mnist:3.0.1:train[:10%]", "s") == (
+      "mnist:3.0.1", "train[:10%]")
+  for bad in ("", "wds:", "shards/*.zip", "wds:/a.tar?colour=red"):
+    with pytest.raises(ValueError):
+      sources.parse_spec(bad)
+
+
+def test_mixture_specs():
+  assert input_pipeline.mixture("wds:/a/{0..1}.tar") == [("wds:/a/{0..1}.tar", 1.0)]
+  assert input_pipeline.mixture(" wds:/a.tar?weight=0.7 ; tfds:coco:train?text=t&weight=3") == [
+      ("wds:/a.tar", 0.7), ("tfds:coco:train?text=t", 3.0)]
+  assert input_pipeline.mixture((("wds:/a.tar", 2), ("folder:/f", 1))) == [
+      ("wds:/a.tar", 2.0), ("folder:/f", 1.0)]
+  for bad in ("wds:/a.tar?weight=0;wds:/b.tar", "wds:/a.tar?weight=x", "demo;wds:/b.tar", ";"):
+    with pytest.raises(ValueError):
+      input_pipeline.mixture(bad)
+
+
+def test_startup_errors_name_what_is_wrong(damaged_shards, tmp_path, image_folder):
+  spec, _, _ = damaged_shards
+  missing = spec.replace("00006", "00009")
+  with pytest.raises(ValueError, match="00008.tar"):
+    sources.from_spec(missing)
+  assert len(sources.from_spec(missing, skip_missing_shards=True).paths) == 7
+  with pytest.raises(ValueError, match="no file"):
+    sources.from_spec(f"wds:{tmp_path}/*.tar")
+  with pytest.raises(ValueError, match="caption.txt"):
+    sources.from_spec(spec, sources.Fields(text="caption.txt"))
+  with pytest.raises(ValueError, match="'webp'"):
+    sources.from_spec(spec + "?image=webp")
+  with pytest.raises(ValueError, match="json/caption"):
+    sources.from_spec(spec + "?text=json/caption")
+  with pytest.raises(ValueError, match="nowhere"):
+    sources.from_spec(f"folder:{tmp_path}/nowhere")
+  with pytest.raises(ValueError, match="no class subfolders"):
+    sources.from_spec(f"folder:{tmp_path}")
+  with pytest.raises(ValueError, match="not divisible"):
+    input_pipeline.local_batch_size(10, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tar shards.
+
+def test_tar_reader_long_names_and_damage(tmp_path):
+  long_dir = "d" * 120
+  path = str(tmp_path / "long.tar")
+  _write_tar(path, [(f"{long_dir}/k1.png", b"p1"), (f"{long_dir}/k1.txt", b"t1"),
+                    ("k2.seg.png", b"p2"), ("k2.txt", b"t2"), ("._hidden.txt", b"x"),
+                    ("noext", b"y")])
+  bad_records.reset()
+  samples = list(webdataset.read_shard(path))
+  assert [s["__key__"] for s in samples] == [f"{long_dir}/k1", "k2"]
+  assert samples[0]["png"] == b"p1" and samples[1]["seg.png"] == b"p2"
+  assert samples[1]["txt"] == b"t2"
+  # Flip a header byte: the checksum fails and the shard stops there, counted.
+  data = bytearray(open(path, "rb").read())
+  data[0] ^= 0x55
+  corrupt = tmp_path / "corrupt.tar"
+  corrupt.write_bytes(bytes(data))
+  assert list(webdataset.read_shard(str(corrupt))) == []
+  assert list(webdataset.read_shard(str(tmp_path / "absent.tar"))) == []
+  counts = bad_records.counts()
+  assert counts["corrupt_shard"] == 1 and counts["unreadable_file"] == 1
+
+
+def test_eval_pass_skips_and_counts_damaged_records(damaged_shards):
+  spec, good, expected = damaged_shards
+  bad_records.reset()
+  source = sources.from_spec(spec)
+  batches = list(input_pipeline.eval_dataset(source, SIZE, 8).as_numpy_iterator())
+  keys = [k.decode() for b in batches for k in b["key"]]
+  # Eval keeps records with a good image whatever their caption: all but the image failures.
+  assert sorted(keys) == sorted(good + ["s0utf", "s2nocap"])
+  counts = bad_records.counts()
+  for reason in ("bad_image", "missing_image", "truncated_shard", "corrupt_shard"):
+    assert counts[reason] == expected[reason], reason
+
+
+def test_train_stream_keeps_every_good_record_and_counts_the_bad(damaged_shards):
+  spec, good, expected = damaged_shards
+  bad_records.reset()
+  config = _config(spec)
+  # 7 shards read 2 at a time: 2 epochs are 7 whole groups, so the first 2 * 28 examples are
+  # exactly two passes over the good records.
+  batches = _batches(input_pipeline.train_dataset(config, with_keys=True), 2 * len(good) // 4)
+  counts = collections.Counter(_keys(batches))
+  assert counts == {key: 2 for key in good}
+  for batch in batches:
+    _check_alignment(batch)
+    assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
+    assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (4, 16)
+    np.testing.assert_array_equal(batch["class_tokens"], batch["tokens"])
+  seen = bad_records.counts()
+  for reason, n in expected.items():
+    assert seen[reason] >= n, reason  # at least the first pass (tf.data reads ahead)
+  metrics = input_pipeline.data_metrics()
+  assert metrics["data/skipped"] == sum(seen.values())
+  assert metrics["data/skipped_bad_image"] == seen["bad_image"]
+  assert "data/skipped_bad_json" not in metrics  # only reasons seen so far
+  assert len(input_pipeline.data_metrics(all_reasons=True)) == len(bad_records.REASONS) + 1
+  assert input_pipeline.global_data_metrics() == metrics  # one process
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host: disjoint, balanced, never starved.
+
+@pytest.mark.parametrize("num_items", [1, 2, 3, 7, 12])
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+def test_processes_split_every_epoch_evenly(num_items, processes):
+  per_process = 3 * num_items  # three epochs' worth of items for each process
+  taken = [sources.process_items(num_items, 0, 0, p, processes, 0, per_process)
+           for p in range(processes)]
+  # Global position of process p's j-th item is p + j * P: reassemble the global sequence.
+  sequence = np.empty(per_process * processes, np.int64)
+  for p, items in enumerate(taken):
+    sequence[p::processes] = items
+  for epoch in range(len(sequence) // num_items):
+    chunk = sequence[epoch * num_items:(epoch + 1) * num_items]
+    assert sorted(chunk) == list(range(num_items))  # each shard once per epoch, over all hosts
+  np.testing.assert_array_equal(
+      sources.process_items(num_items, 0, 0, 1 % processes, processes, 2, 1),
+      taken[1 % processes][2:3])  # any window is computed directly (a restart needs no replay)
+
+
+def test_more_processes_than_shards_still_feeds_every_process(damaged_shards):
+  spec, good, _ = damaged_shards
+  config = _config(spec.replace("{00000..00006}", "{00000..00001}"), batch=6)
+  keys = []
+  for p in range(3):
+    ds = input_pipeline.train_dataset(config, process_index=p, process_count=3, with_keys=True)
+    batches = _batches(ds, 3)
+    assert all(b["_position"][:, 0].tolist() == [p, p] for b in batches)
+    keys.append(set(_keys(batches)))
+  assert all(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data position: restart == uninterrupted.
+
+def test_advance_position():
+  table = np.zeros((2, 3, 2), np.int32)
+  table[1, 2] = (7, 9)
+  rows = np.array([[0, 0, 1, 5], [0, 0, 2, 0], [0, 0, 2, 3], [1, 1, 0, 4], [0, 0, 1, 9]],
+                  np.int32)
+  out = np.asarray(jax.jit(input_pipeline.advance_position)(table, rows))
+  assert out[0, 0].tolist() == [2, 4]  # the last record of the latest group, plus one
+  assert out[1, 1].tolist() == [0, 5]
+  assert out[1, 2].tolist() == [7, 9]  # absent from the batch: unchanged
+  assert out[0, 1].tolist() == [0, 0] and out[0, 2].tolist() == [0, 0]
+
+
+def _resume_matches(config, steps_before, steps_after, processes=1):
+  """Reads steps_before + steps_after batches per process uninterrupted; then "restarts"
+  from the position folded out of the first steps_before global batches; compares."""
+  full = [_batches(input_pipeline.train_dataset(config, process_index=p,
+                                                process_count=processes, with_keys=True),
+                   steps_before + steps_after) for p in range(processes)]
+  table = input_pipeline.initial_position(config, processes)
+  advance = jax.jit(input_pipeline.advance_position)
+  for step in range(steps_before):
+    rows = np.concatenate([full[p][step]["_position"] for p in range(processes)])
+    table = advance(table, rows)
+  start = steps_before * config.input.batch_size
+  for p in range(processes):
+    resumed = _batches(input_pipeline.train_dataset(
+        config, start=start, position=np.asarray(table), process_index=p,
+        process_count=processes, with_keys=True), steps_after)
+    for a, b in zip(full[p][steps_before:], resumed):
+      assert set(a) == set(b)
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  return full
+
+
+def test_resume_is_exact_on_damaged_shards_across_hosts(damaged_shards):
+  spec, _, _ = damaged_shards
+  full = _resume_matches(_config(spec), steps_before=5, steps_after=4, processes=2)
+  # The restart point lies inside a group (not trivially at a boundary).
+  assert full[0][4]["_position"][-1, 3] > 0
+
+
+def test_resume_is_exact_for_a_mixture(damaged_shards, image_folder):
+  spec, _, _ = damaged_shards
+  config = _config(f"{spec}?weight=2; folder:{image_folder}")
+  full = _resume_matches(config, steps_before=4, steps_after=3)
+  sources_seen = {int(s) for b in full[0] for s in b["_position"][:, 1]}
+  assert sources_seen == {0, 1}
+
+
+def test_resume_needs_the_position(damaged_shards):
+  spec, _, _ = damaged_shards
+  with pytest.raises(ValueError, match="data position"):
+    input_pipeline.train_dataset(_config(spec), start=8)
+  config = _config(spec)
+  with pytest.raises(ValueError, match="processes"):
+    input_pipeline.train_dataset(config, start=8,
+                                 position=input_pipeline.initial_position(config, 3))
+
+
+def test_mixture_follows_the_weights(damaged_shards, image_folder):
+  spec, _, _ = damaged_shards
+  config = _config(f"{spec}?weight=3;folder:{image_folder}?weight=1", batch=20)
+  batches = _batches(input_pipeline.train_dataset(config), 10)
+  from_first = np.mean([b["_position"][:, 1] == 0 for b in batches])
+  assert 0.68 <= from_first <= 0.82
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions: random choice, dual captions.
+
+def test_several_captions_and_dual_captions(caption_shards):
+  config = _config(caption_shards, batch=10, text_key="json/captions",
+                   long_text_key="json/long_caption")
+  batches = _batches(input_pipeline.train_dataset(config, with_keys=True), 4)
+  picked_alternative = 0
+  for batch in batches:
+    for key, tokens, class_tokens in zip(batch["_key"], batch["tokens"], batch["class_tokens"]):
+      key = key.decode()
+      chosen = _key_of_tokens(tokens)
+      assert chosen in (key, key + "x")
+      picked_alternative += chosen == key + "x"
+      long = tokenizer.decode(class_tokens).replace(" ", "")
+      assert long == (f"longcaptionof{key}" if not key.endswith("r3")
+                      else tokenizer.decode(tokens).replace(" ", ""))
+  assert 5 <= picked_alternative <= 35  # both captions get picked
+
+
+# ---------------------------------------------------------------------------------------------
+# Other sources.
+
+def _write_tfrecords(path, keys, truncate=False, int_image_for=()):
+  with tf.io.TFRecordWriter(path) as writer:
+    for i, key in enumerate(keys):
+      image = tf.train.Feature(bytes_list=tf.train.BytesList(value=[_image(i, "JPEG")]))
+      if key in int_image_for:  # a malformed record: integers where the image bytes belong
+        image = tf.train.Feature(int64_list=tf.train.Int64List(value=[10**12]))
+      feature = {
+          "jpg": image,
+          "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_caption(key).encode()])),
+          "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
+          "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[24])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+  if truncate:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) - 30)
+
+
+def test_img2dataset_tfrecords(tmp_path):
+  _write_tfrecords(str(tmp_path / "00000.tfrecord"), [f"a{i}" for i in range(6)],
+                   int_image_for=("a5",))
+  _write_tfrecords(str(tmp_path / "00001.tfrecord"), [f"b{i}" for i in range(4)], truncate=True)
+  bad_records.reset()
+  spec = f"{tmp_path}/{{00000..00001}}.tfrecord"
+  source = sources.from_spec(spec)
+  keys = [k.decode() for b in input_pipeline.eval_dataset(source, SIZE, 4).as_numpy_iterator()
+          for k in b["key"]]
+  assert sorted(keys) == [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(3)]
+  assert bad_records.counts()["truncated_shard"] == 1
+  assert bad_records.counts()["malformed_record"] == 1
+  batches = _batches(input_pipeline.train_dataset(_config(spec), with_keys=True), 3)
+  for batch in batches:
+    _check_alignment(batch)
+  with pytest.raises(ValueError, match="'caption'"):
+    sources.from_spec(spec + "?text=caption")
+
+
+def test_image_folder_source(image_folder):
+  source = sources.image_folder_source(image_folder)
+  assert source.classnames == ("cat", "dog", "fish")
+  batches = list(input_pipeline.eval_dataset(source, SIZE, 5).as_numpy_iterator())
+  labels = np.concatenate([b["label"] for b in batches])
+  assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+  assert batches[0]["captions"][0].tolist() == [b"a photo of a cat."]
+  assert batches[0]["image"].shape == (5, SIZE, SIZE, 3) and len(batches[-1]["image"]) == 2
+  # Two processes split the files between them.
+  halves = [np.concatenate([b["label"] for b in input_pipeline.eval_dataset(
+      source, SIZE, 8, process_index=p, process_count=2).as_numpy_iterator()])
+            for p in range(2)]
+  assert sorted(np.concatenate(halves).tolist()) == labels.tolist()
+  config = _config(f"folder:{image_folder}", batch=6)
+  batch = _batches(input_pipeline.train_dataset(config), 1)[0]
+  names = {tokenizer.decode(t) for t in batch["tokens"]}
+  assert names <= {f"a photo of a {c} ." for c in source.classnames}
+
+
+def test_tfds_sources():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=10):
+    labelled = sources.tfds_source("cifar10", "train", label_key="label")
+    assert labelled.classnames is not None
+    batch = next(input_pipeline.eval_dataset(labelled, SIZE, 4).as_numpy_iterator())
+    assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["label"].shape == (4,)
+    name = labelled.classnames[batch["label"][0]]
+    assert batch["captions"][0, 0].decode() == f"a photo of a {name}."
+    # A captioned dataset, with a second text field as the long caption.
+    config = _config("tfds:laion400m/images:train?text=caption&long_text=url", batch=4)
+    full = _resume_matches(config, steps_before=3, steps_after=2)
+    assert not np.array_equal(full[0][0]["tokens"], full[0][0]["class_tokens"])
+    with pytest.raises(ValueError, match="captions/text"):
+      sources.tfds_source("laion400m/images", "train", text_key="captions/text")
+    with pytest.raises(ValueError, match="training needs captions"):
+      input_pipeline.train_dataset(_config("tfds:laion400m/images:train"))
+
+
+def test_tfds_nested_feature_paths():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(),
+      "captions": tfds.features.Sequence({"text": tfds.features.Text()})})
+  assert isinstance(sources._tfds_feature(features, "captions/text", "s", "text"),
+                    tfds.features.Text)
+  with pytest.raises(ValueError, match="captions/txt"):
+    sources._tfds_feature(features, "captions/txt", "s", "text")
+
+
+def test_demo_source_resumes_from_examples_seen():
+  config = _config("demo", batch=4)
+  first = _batches(input_pipeline.train_dataset(config), 2)
+  again = _batches(input_pipeline.train_dataset(config, start=4), 1)
+  np.testing.assert_array_equal(first[1]["image"], again[0]["image"])
+  assert first[0]["_position"].shape == (4, 4)
+  assert input_pipeline.position_shape(config, 1) == (1, 1, 2)
+
+
+def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(damaged_shards):
+  """What the train loop does: global arrays from prefetch_to_device, the table advanced in
+  the step."""
+  from superclip_jax import sharding
+  spec, _, _ = damaged_shards
+  config = _config(spec, batch=4 * jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  ds = input_pipeline.train_dataset(config)
+  batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
+                                              sharding.batch_sharding(mesh))
+  step = jax.jit(lambda table, batch: input_pipeline.advance_position(table, batch["_position"]))
+  table = input_pipeline.initial_position(config)
+  for _ in range(3):
+    batch = next(batches)
+    assert isinstance(batch["image"], jax.Array) and batch["image"].dtype == np.float32
+    table = step(table, batch)
+  assert np.asarray(table)[0, 0].tolist() == (np.asarray(batch["_position"])[-1, 2:] +
+                                              [0, 1]).tolist()

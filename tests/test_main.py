@@ -1,0 +1,103 @@
+"""The entry point end to end on the demo data (tiny model), and exact resumption."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from superclip_jax import checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.variant=mu/8", "--config.model.image_size=32",
+        "--config.input.batch_size=16", "--config.log_training_steps=2",
+        "--config.evals.zeroshot.num_examples=40", "--config.evals.zeroshot.batch_size=16"]
+
+
+def _run_main(workdir, *flags):
+  cmd = [sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
+         f"--workdir={workdir}", *TINY, *flags]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_demo_entry_point_runs_logs_evaluates_and_resumes(tmp_path):
+  wd = str(tmp_path / "run")
+  r = _run_main(wd, "--config.total_steps=4", "--config.ckpt_steps=2",
+                "--config.evals.zeroshot.every_steps=4")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 4/4" in r.stdout and "ETA" in r.stdout and "img/s" in r.stdout
+  recs = _records(wd)
+  train_recs = [x for x in recs if "loss" in x]
+  assert [x["step"] for x in train_recs] == [2, 4]
+  assert {"class_loss", "contrastive_loss", "lr", "logit_scale"} <= set(train_recs[-1])
+  zs = [x for x in recs if any("zeroshot" in k for k in x)]
+  assert zs and 0.0 <= zs[-1]["zeroshot/colour_top1"] <= 1.0
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
+  assert checkpoint.Checkpointer(wd, checkpoint.read_config(wd)).latest_step() == 4
+
+  # Same workdir, longer run: resumes at step 5 instead of starting over.
+  r = _run_main(wd, "--config.total_steps=6", "--config.ckpt_steps=2",
+                "--config.evals.zeroshot.every_steps=100")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 6/6" in r.stdout and "step 2/6" not in r.stdout
+
+
+def test_a_typo_in_a_config_field_is_an_error_naming_it(tmp_path):
+  r = _run_main(str(tmp_path / "x"), "--config.totl_steps=3")
+  assert r.returncode != 0
+  assert "totl_steps" in r.stderr
+
+
+def _tiny_demo_config(total_steps):
+  sys.path.insert(0, REPO)
+  from configs import demo
+  c = demo.get_config()
+  c.model.variant = "mu/8"
+  c.model.image_size = 32
+  c.input.batch_size = 8
+  c.total_steps = total_steps
+  c.ckpt_steps = 3
+  c.log_training_steps = 2
+  c.evals = {}
+  return c
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
+  straight = train.train_and_evaluate(_tiny_demo_config(6), str(tmp_path / "a"))
+  train.train_and_evaluate(_tiny_demo_config(6), str(tmp_path / "b"), stop_after=4)
+  resumed = train.train_and_evaluate(_tiny_demo_config(6), str(tmp_path / "b"))
+  assert resumed.examples_seen.value() == straight.examples_seen.value() == 48
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               straight, resumed)
+  a, b = _records(str(tmp_path / "a")), _records(str(tmp_path / "b"))
+  assert [r["loss"] for r in a if r["step"] == 6] == [r["loss"] for r in b if r["step"] == 6]
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
+  import signal
+  import time
+  wd = str(tmp_path / "pre")
+  cmd = [sys.executable, "-u", "-m", "superclip_jax.main", "--config=configs/demo.py",
+         f"--workdir={wd}", *TINY, "--config.total_steps=100000", "--config.ckpt_steps=100000",
+         "--config.evals.zeroshot.every_steps=100000"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  for line in proc.stdout:  # wait until training is under way
+    if line.startswith("step ") or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  step = checkpoint.Checkpointer(wd, checkpoint.read_config(wd)).latest_step()
+  assert step is not None and 2 <= step < 100000
+  r = _run_main(wd, f"--config.total_steps={step + 2}", "--config.evals.zeroshot.every_steps=0")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"step {step + 2}/{step + 2}" in r.stdout

@@ -1,0 +1,101 @@
+"""make_shards: image folders and caption tables -> webdataset shards our pipeline reads."""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from superclip_jax.data import input_pipeline, sources, webdataset
+from superclip_jax.tools import make_shards
+
+
+def _save(path, colour, fmt=None, size=(20, 16)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.new("RGB", size, colour).save(path, fmt)
+
+
+@pytest.fixture
+def folder(tmp_path):
+  root = tmp_path / "images"
+  for c, name in enumerate(("golden_retriever", "tabby")):
+    for i in range(3):
+      _save(str(root / name / f"{i}.jpg"), (40 * c + 10 * i, 90, 200))
+  _save(str(root / "tabby" / "3.bmp"), (1, 2, 3), "BMP")  # re-encoded as JPEG
+  (root / "tabby" / "3.txt").write_text("a sidecar caption\n")
+  (root / "tabby" / "broken.png").write_bytes(b"\x89PNG broken")
+  return str(root)
+
+
+def test_folder_to_shards_and_back(folder, tmp_path, capsys):
+  out = str(tmp_path / "shards")
+  paths = make_shards.write_shards(make_shards.samples_from_folder(folder), out, shard_size=3,
+                                   max_size=0)
+  assert "broken.png" in capsys.readouterr().out  # reported, skipped
+  assert [os.path.basename(p) for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
+  samples = [s for p in paths for s in webdataset.read_shard(p)]
+  keys = [s["__key__"] for s in samples]
+  assert keys[:4] == ["000000", "000001", "000002", "000010"]
+  by_caption = {s["txt"].decode(): s for s in samples}
+  assert "a photo of a golden retriever." in by_caption
+  sidecar = by_caption["a sidecar caption"]
+  assert "jpg" in sidecar and Image.open(io.BytesIO(sidecar["jpg"])).format == "JPEG"
+  meta = json.loads(sidecar["json"])
+  assert meta["label"] == 1 and meta["class"] == "tabby" and sidecar["cls"] == b"1"
+  spec = make_shards.shard_spec(paths)
+  assert spec == f"wds:{out}/{{00000..00002}}.tar"
+  source = sources.from_spec(spec + "?label=cls")
+  labels = np.concatenate([b["label"] for b in input_pipeline.eval_dataset(
+      source, 16, 4).as_numpy_iterator()])
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_tables_to_shards(tmp_path):
+  images = tmp_path / "img"
+  for i in range(4):
+    _save(str(images / f"{i}.png"), (i * 50, 0, 0), size=(40, 30))
+  rows = [{"path": f"img/{i}.png", "title": f"red {i}", "recap": f"a long caption {i}"}
+          for i in range(4)]
+  with open(tmp_path / "t.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["path", "title", "recap"])
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(tmp_path / "t.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  for table in ("t.csv", "t.jsonl"):
+    samples = make_shards.samples_from_table(str(tmp_path / table), "path", "title", "recap")
+    out = str(tmp_path / f"out_{table}")
+    paths = make_shards.write_shards(samples, out, shard_size=10, max_size=20)
+    got = list(webdataset.read_shard(paths[0]))
+    assert [s["txt"] for s in got] == [f"red {i}".encode() for i in range(4)]
+    assert json.loads(got[2]["json"])["long_caption"] == "a long caption 2"
+    assert Image.open(io.BytesIO(got[0]["jpg"])).size == (27, 20)  # shortest side -> 20
+  with pytest.raises(ValueError, match="no column 'caption'"):
+    list(make_shards.samples_from_table(str(tmp_path / "t.csv"), "path"))
+  with pytest.raises(ValueError, match="does not exist"):
+    list(make_shards.samples_from_table(str(tmp_path / "absent.csv")))
+
+
+def test_shards_are_plain_ustar(tmp_path, folder):
+  paths = make_shards.write_shards(make_shards.samples_from_folder(folder), str(tmp_path / "s"),
+                                   shard_size=100)
+  with tarfile.open(paths[0]) as tar:
+    members = tar.getmembers()
+  assert all(m.mtime == 0 and m.isfile() for m in members)
+  assert [m.name for m in members[:4]] == ["0000000.jpg", "0000000.txt", "0000000.json",
+                                           "0000000.cls"]  # shard 00000, index 00
+
+
+def test_command_line(tmp_path, folder):
+  out = str(tmp_path / "cli")
+  result = subprocess.run(
+      [sys.executable, "-m", "superclip_jax.tools.make_shards", f"--input={folder}",
+       f"--output={out}", "--shard_size=4"], capture_output=True, text=True, timeout=120,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert result.returncode == 0, result.stderr
+  assert f"wds:{out}/{{00000..00001}}.tar" in result.stdout

@@ -1,0 +1,190 @@
+"""The train step, optimizer rules and checkpoints on a tiny model (no input pipeline)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from superclip_jax import checkpoint, config_lib, optim, sharding, train, train_state
+
+
+def tiny_config(mode="superclip", **overrides):
+  c = config_lib.base_config()
+  c.model.mode = mode
+  c.model.variant = "mu/8"
+  c.model.image_size = 32
+  c.model.context_length = 12
+  c.model.dtype = "float32"
+  c.input.batch_size = 8
+  c.total_steps = 30
+  c.lr = 3e-3
+  c.wd = 0.01
+  c.schedule.warmup_steps = 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def fixed_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, ctx = config.input.batch_size, config.model.context_length
+  tokens = np.zeros((b, ctx), np.int32)
+  for i in range(b):
+    n = rng.integers(3, ctx - 1)
+    tokens[i, 0] = 49406
+    tokens[i, 1:n] = rng.integers(1, 300, n - 1)
+    tokens[i, n] = 49407
+  s = config.model.image_size
+  return {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32), "tokens": tokens,
+          "class_tokens": tokens}
+
+
+def _setup(config):
+  mesh = sharding.make_mesh(config.mesh)
+  factory = train_state.StateFactory(config, mesh)
+  step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule))
+  return factory, step
+
+
+@pytest.mark.parametrize("mode,contrastive", [("superclip", "softmax"), ("clip", "softmax"),
+                                              ("superclass", "softmax"),
+                                              ("superclip", "sigmoid")])
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(mode, contrastive):
+  config = tiny_config(mode)
+  config.loss.contrastive = contrastive
+  if contrastive == "sigmoid":
+    config.model.logit_bias = -10.0
+  factory, step = _setup(config)
+  state = factory.create()
+  batch = fixed_batch(config)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert int(state.step) == 15
+  assert state.examples_seen.value() == 15 * config.input.batch_size
+  if mode != "clip":
+    assert state.idf.num_docs.value() == 15 * config.input.batch_size
+    assert ("class_loss" in metrics) and (("contrastive_loss" in metrics) == (mode != "superclass"))
+
+
+def test_idf_counts_update_before_the_weights_are_used():
+  config = tiny_config()
+  factory, step = _setup(config)
+  state = factory.create()
+  batch = fixed_batch(config)
+  state, _ = step(state, batch)
+  # After one batch: df of each id = number of captions containing it (up to EOT).
+  expected = np.zeros(config.model.vocab_size, np.int64)
+  for row in batch["class_tokens"]:
+    eot = int(np.argmax(row))
+    expected[np.unique(row[:eot + 1])] += 1
+  np.testing.assert_array_equal(state.idf.doc_freq.value().astype(np.int64), expected)
+
+
+def test_logit_scale_is_clamped_to_ln_100():
+  params = {"logit_scale": jnp.float32(7.0), "x": jnp.ones(2)}
+  assert float(optim.clamp_logit_scale(params)["logit_scale"]) == pytest.approx(np.log(100))
+  params = {"logit_scale": jnp.float32(-1.0)}
+  assert float(optim.clamp_logit_scale(params)["logit_scale"]) == 0.0
+
+
+def test_weight_decay_follows_the_official_exemptions():
+  config = tiny_config()
+  factory, _ = _setup(config)
+  params = factory.abstract.params
+  mask = optim.weight_decay_mask(config, params)
+  names = jax.tree_util.tree_flatten_with_path(mask)[0]
+  shapes = jax.tree.leaves(params)
+  flat = {}
+  for (path, m), shape in zip(names, shapes):
+    name = "/".join(str(k.key) for k in path)
+    flat[name] = m
+    # The official rule: exempt if ndim < 2 or the name contains bn / ln / bias / logit_scale.
+    exempt = (len(shape.shape) < 2 or any(w in name for w in ("bn", "ln", "bias", "logit_scale")))
+    assert m == (0.0 if exempt else 1.0), name
+  assert flat["visual/conv1/kernel"] == 1.0
+  assert flat["visual/positional_embedding"] == 1.0  # 2-D: decayed, as the official code
+  assert flat["visual/class_embedding"] == 0.0  # 1-D: exempt
+  assert flat["class_head/dense/kernel"] == 1.0
+  assert flat["class_head/ln/scale"] == 0.0
+  assert flat["text/token_embedding/embedding"] == 1.0
+
+
+def test_frozen_groups_do_not_move():
+  config = tiny_config(frozen=("visual/.*",))
+  factory, step = _setup(config)
+  state = factory.create()
+  before = jax.tree.map(np.asarray, state.params)
+  state, _ = step(state, fixed_batch(config))
+  after = jax.tree.map(np.asarray, state.params)
+  for a, b in zip(jax.tree.leaves(before["visual"]), jax.tree.leaves(after["visual"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(before["text"]["positional_embedding"],
+                            after["text"]["positional_embedding"])
+
+
+def test_nonfinite_batch_is_dropped_and_state_stays_good():
+  config = tiny_config()
+  factory, step = _setup(config)
+  state = factory.create()
+  good = jax.tree.map(np.asarray, state.params)
+  batch = fixed_batch(config)
+  batch["image"][0, 0, 0, 0] = np.nan
+  state, metrics = step(state, batch)
+  assert float(metrics["nonfinite"]) == 1.0
+  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert int(state.step) == 1 and state.idf.num_docs.value() == 0
+
+
+def test_checkpoint_save_restore_gives_identical_state(tmp_path):
+  config = tiny_config()
+  factory, step = _setup(config)
+  state = factory.create()
+  for seed in range(3):
+    state, _ = step(state, fixed_batch(config, seed))
+  checkpoint.write_config(str(tmp_path), config)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  ckpt.save(3, state)
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  assert ckpt.latest_step() == 3
+  restored = ckpt.restore(factory.abstract_with_shardings())
+  ckpt.close()
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               state, restored)
+  # And training continues identically from both.
+  s1, m1 = step(state, fixed_batch(config, 9))
+  s2, m2 = step(restored, fixed_batch(config, 9))
+  assert float(m1["loss"]) == float(m2["loss"])
+  cfg, params, idf = checkpoint.load_params(str(tmp_path))
+  assert cfg.model.variant == "mu/8"
+  np.testing.assert_array_equal(params["visual"]["proj"], np.asarray(state.params["visual"]["proj"]))
+  assert idf["num_docs"] == 3 * config.input.batch_size
+
+
+def test_config_validation_names_the_problem():
+  config = tiny_config()
+  config.loss.contrastive = "sigmoid"
+  with pytest.raises(ValueError, match="logit_bias"):
+    config_lib.validate(config)
+  config = tiny_config(mode="superclipp")
+  with pytest.raises(ValueError, match="superclipp"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="Unknown config arg 'mdoe'"):
+    config_lib.parse_arg("mdoe=clip", mode="superclip")
+
+
+def test_schedule_matches_openclip_cosine_lr():
+  import math
+  config = tiny_config(total_steps=100, lr=1e-3)
+  config.schedule.warmup_steps = 10
+  schedule = optim.make_schedule(config)
+  for step in [0, 5, 9, 10, 50, 99, 100]:
+    if step < 10:
+      expected = 1e-3 * (step + 1) / 10
+    else:
+      expected = 0.5 * (1 + math.cos(math.pi * (step - 10) / 90)) * 1e-3
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
