@@ -1,6 +1,8 @@
 """The optimizer: AdamW with warmup + cosine, regex weight-decay multipliers, frozen groups."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -69,7 +71,7 @@ def _add_scaled_decay(wd, mults):
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def clamp_logit_scale(params, max_value=jnp.log(100.0)):
+def clamp_logit_scale(params, max_value=math.log(100.0)):
   """OpenCLIP clamps the (log) logit scale to [0, ln 100] after every optimizer step."""
   if "logit_scale" not in params:
     return params

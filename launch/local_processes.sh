@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs N superclip_jax processes on this machine, joined through jax.distributed — the way to
+# try multi-process (multi-host) training without a cluster. On CPU each process can own
+# several devices via XLA_FLAGS=--xla_force_host_platform_device_count=K.
+#
+#   launch/local_processes.sh 2 --config=configs/demo.py --workdir=/tmp/mp \
+#       --config.total_steps=20
+#
+# Process 0 writes logs and metrics; each process writes its own checkpoint shards.
+# Cloud TPU pods and SLURM need no launcher flags: jax.distributed configures itself there.
+set -euo pipefail
+if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ ]]; then
+  echo "usage: $0 NUM_PROCESSES [superclip_jax.main flags...]" >&2
+  exit 2
+fi
+n=$1; shift
+port=${PORT:-$((20000 + RANDOM % 20000))}
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+for ((i = 0; i < n; i++)); do
+  python -m superclip_jax.main --coordinator_address="localhost:${port}" \
+    --num_processes="$n" --process_id="$i" "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
