@@ -8,7 +8,6 @@ latest complete one.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -97,19 +96,11 @@ def load_params(workdir: str, step: int | None = None):
   """
   config, _, state = load_state(workdir, step, mesh=_single_device_mesh())
   params = jax.tree.map(np.asarray, state.params)
-  idf = {"doc_freq": _exact_to_float64(state.idf.doc_freq),
-         "num_docs": float(_exact_to_float64(state.idf.num_docs))}
+  idf = {"doc_freq": np.asarray(state.idf.doc_freq.value(), np.float64),
+         "num_docs": float(state.idf.num_docs.value())}
   return config, params, idf
-
-
-def _exact_to_float64(count) -> np.ndarray:
-  return np.asarray(count.hi, np.float64) * 2.0**32 + np.asarray(count.lo, np.float64)
 
 
 def _single_device_mesh():
   from jax.sharding import Mesh
   return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-
-
-def exists(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, CONFIG_FILE))

@@ -11,6 +11,8 @@ import math
 
 import ml_collections
 
+from superclip_jax.models import MODES
+
 # Official SuperCLIP weight-decay exemptions: names containing ln / bn / bias / logit_scale
 # (tensors with ndim < 2 are exempt regardless, see optim.weight_decay_mask).
 DEFAULT_WD_MULTS = (
@@ -124,9 +126,6 @@ def paper_recipe(mode: str, variant: str, contrastive: str = "softmax"):
   c.log_training_steps = 50
   c.ckpt_steps = 1000
   return c
-
-
-MODES = ("superclip", "clip", "superclass")
 
 
 def validate(config) -> None:

@@ -120,8 +120,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
     state = ckpt.restore(factory.abstract_with_shardings())
   elif config.init_from:
     from superclip_jax import convert  # torch-format import; only needed here
-    init = jax.tree.map(np.asarray, jax.jit(factory._init)(
-        jax.random.key_data(jax.random.key(config.seed))).params)
+    init = jax.tree.map(np.asarray, factory.fresh_params())
     state = factory.create(convert.load_torch_checkpoint(config.init_from, factory.model, init))
   else:
     state = factory.create()

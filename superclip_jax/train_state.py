@@ -55,8 +55,7 @@ class StateFactory:
     self.shardings = self.shardings.replace(data_position=sharding.replicated(mesh))
 
   def _init(self, rng_data, params=None):
-    rng = jax.random.wrap_key_data(rng_data)
-    params_rng, train_rng = jax.random.split(rng)
+    params_rng, train_rng = jax.random.split(jax.random.wrap_key_data(rng_data))
     if params is None:
       params = init_params(self.model, self.config, params_rng)
     return TrainState(
@@ -69,13 +68,21 @@ class StateFactory:
         data_position=jnp.zeros(input_pipeline.position_shape(self.config), jnp.int32),
     )
 
+  def _seed_data(self):
+    return jax.random.key_data(jax.random.key(self.config.seed))
+
   def create(self, params=None) -> TrainState:
     """A fresh state, sharded over the mesh. `params`: start from these instead of init."""
-    rng = jax.random.key_data(jax.random.key(self.config.seed))
-    if params is None:
-      return jax.jit(self._init, out_shardings=self.shardings)(rng)
-    params = jax.device_put(params, self.shardings.params)
-    return jax.jit(self._init, out_shardings=self.shardings)(rng, params)
+    if params is not None:
+      params = jax.device_put(params, self.shardings.params)
+    return jax.jit(self._init, out_shardings=self.shardings)(self._seed_data(), params)
+
+  def fresh_params(self):
+    """The parameters `create()` would initialise, sharded (no optimizer state built)."""
+    def init(rng_data):
+      params_rng, _ = jax.random.split(jax.random.wrap_key_data(rng_data))
+      return init_params(self.model, self.config, params_rng)
+    return jax.jit(init, out_shardings=self.shardings.params)(self._seed_data())
 
   def abstract_with_shardings(self):
     """ShapeDtypeStructs carrying the target shardings (what a restore needs)."""

@@ -101,3 +101,23 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
   r = _run_main(wd, f"--config.total_steps={step + 2}", "--config.evals.zeroshot.every_steps=0")
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"step {step + 2}/{step + 2}" in r.stdout
+
+
+def test_init_from_an_openclip_export_loads_towers_and_keeps_a_fresh_head(tmp_path):
+  from superclip_jax import export, sharding, train_state
+  source_cfg = _tiny_demo_config(1)
+  source_cfg.seed = 7
+  source = train_state.StateFactory(source_cfg, sharding.make_mesh(source_cfg.mesh))
+  source_params = jax.tree.map(np.asarray, source.fresh_params())
+  export.write_export(source_params, source.model, "openclip", str(tmp_path / "oc"))
+
+  config = _tiny_demo_config(1)
+  config.init_from = str(tmp_path / "oc")
+  config.lr = 0.0  # one step that changes nothing: the state is what was loaded
+  state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  fresh = train_state.StateFactory(config, sharding.make_mesh(config.mesh)).fresh_params()
+  for tower in ("visual", "text"):
+    jax.tree.map(np.testing.assert_array_equal, source_params[tower],
+                 jax.tree.map(np.asarray, state.params[tower]))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, fresh["class_head"]),
+               jax.tree.map(np.asarray, state.params["class_head"]))
