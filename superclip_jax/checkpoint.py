@@ -7,15 +7,21 @@ latest complete one.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 CONFIG_FILE = "config.json"
+# Train-state fields added after checkpoints were first written: zeros when a checkpoint has
+# none (their meaning at zero is what older runs did).
+_ZEROS_IF_ABSENT = ("data_origin",)
 
 
 def write_config(workdir: str, config) -> None:
@@ -44,7 +50,9 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # leftovers of a write killed midway
     )
     self.directory = epath.Path(workdir) / "checkpoints"
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+    # The handler named up front: reading a checkpoint's metadata before any save needs it.
+    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -57,14 +65,35 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, abstract_state, step: int | None = None):
-    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
+
+    Any mesh or device count may have written the checkpoint: each array is read straight
+    into the target's shards. The data-position table comes back with the shape it was saved
+    with ([processes that wrote it, sources, 2]; `input_pipeline.resume_position` maps it to
+    this run), and a state field newer than the checkpoint (`data_origin`) starts at zeros.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}")
     if step not in self.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
                               f"available: {self.all_steps()}")
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    saved = self.manager.item_metadata(step).tree  # {field: metadata tree}
+    target, absent = {}, {}
+    for field in dataclasses.fields(abstract_state):
+      leaf = getattr(abstract_state, field.name)
+      if field.name not in saved:
+        if field.name not in _ZEROS_IF_ABSENT:
+          raise ValueError(f"checkpoint {self.directory / str(step)} has no {field.name!r}")
+        absent[field.name] = jax.jit(functools.partial(jnp.zeros, leaf.shape, leaf.dtype),
+                                     out_shardings=leaf.sharding)()
+        continue
+      if field.name == "data_position" and tuple(saved[field.name].shape) != leaf.shape:
+        leaf = jax.ShapeDtypeStruct(tuple(saved[field.name].shape), leaf.dtype,
+                                    sharding=leaf.sharding)
+      target[field.name] = leaf
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    return type(abstract_state)(**restored, **absent)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

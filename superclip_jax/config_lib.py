@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from superclip_jax import models
 from superclip_jax.models import MODES
 
 # Official SuperCLIP weight-decay exemptions: names containing ln / bn / bias / logit_scale
@@ -57,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.wd_mults = DEFAULT_WD_MULTS
   c.frozen = ()  # regexes of parameter names kept fixed (e.g. LiT: ('visual/.*',))
   c.grad_clip_norm = 0.0  # 0 = off
+  # Micro-batches per global batch (input.batch_size): gradient accumulation that keeps every
+  # negative in the contrastive loss (train.make_train_step; docs/training.md).
+  c.accum_steps = 1
   c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-6))
   c.schedule = ml_collections.ConfigDict(dict(warmup_steps=500, decay_type="cosine"))
 
@@ -73,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
       logit_bias=ml_collections.FieldReference(None, field_type=float),  # SigLIP only
       dtype="bfloat16",  # compute dtype; parameters are float32
       remat_policy="none",  # 'none' | 'full' | a jax.checkpoint_policies name
+      scan_layers=False,  # one nn.scan over each tower's blocks: faster compiles, stacked params
   ))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive="softmax",  # 'softmax' (CLIP) | 'sigmoid' (SigLIP)
@@ -95,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
       seed=ml_collections.FieldReference(None, field_type=int),  # default: config.seed
       threads=0,  # tf.data private threadpool (0 = TF's default)
       prefetch=2,
+      # Resuming with another number of processes: 'error', or 'restart' (file sources
+      # re-read the shards some process had not finished; docs/data.md). The demo is exact.
+      on_process_count_change="error",
       # The built-in demo data, rendered at model.image_size. long_captions_for_head: the
       # class head learns from the long caption (the paper's "dual" captions, Table 5).
       demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False)),
@@ -149,9 +157,23 @@ def validate(config) -> None:
   input_pipeline.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:
     raise ValueError(f"config.input.batch_size must be positive, got {config.input.batch_size}")
+  accum = config.get("accum_steps", 1)
+  if not isinstance(accum, int) or isinstance(accum, bool) or accum <= 0:
+    raise ValueError(f"config.accum_steps must be a positive integer, got {accum!r}")
+  if config.input.batch_size % accum:
+    raise ValueError(f"config.input.batch_size={config.input.batch_size} must be divisible by "
+                     f"config.accum_steps={accum} (the global batch is split into that many "
+                     "micro-batches); change one of them")
+  policy = config.input.get("on_process_count_change", "error")
+  if policy not in input_pipeline.PROCESS_COUNT_POLICIES:
+    raise ValueError(f"config.input.on_process_count_change={policy!r}: use one of "
+                     f"{input_pipeline.PROCESS_COUNT_POLICIES}")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
   if not 0.0 <= m.patch_dropout < 1.0:
     raise ValueError(f"config.model.patch_dropout={m.patch_dropout} must be in [0, 1)")
+  models.check_remat_policy(m.get("remat_policy", "none"))  # unknown: an error listing all
+  if not isinstance(m.get("scan_layers", False), bool):
+    raise ValueError(f"config.model.scan_layers={m.scan_layers!r}: use True or False")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")

@@ -320,6 +320,8 @@ def _unfreeze(tree):
 
 
 def _export(params, model, rules: list[Rule], fmt: str) -> dict[str, np.ndarray]:
+  if model.scan_layers:  # the rules name per-layer blocks: export the unstacked layout
+    params, model = models.unstack_layers(params), model.clone(scan_layers=False)
   flat = traverse_util.flatten_dict(_unfreeze(params))
   expected = param_shapes(model)
   # Params this format has no place for are an error, except those the format drops by design.
@@ -474,8 +476,11 @@ def from_layout(state_dict, model, layout: str) -> dict:
   Tower parameters (and logit_scale) are required. The class head and logit_bias are optional:
   absent, they are absent from the result too (the caller keeps freshly initialised ones).
   Unknown keys, missing tower keys and shape mismatches raise CheckpointMismatchError naming the
-  PyTorch key and our parameter.
+  PyTorch key and our parameter. For a scan_layers model the result is stacked
+  (`models.stack_layers`).
   """
+  if model.scan_layers:
+    return models.stack_layers(from_layout(state_dict, model.clone(scan_layers=False), layout))
   rules = rules_for(model, layout)
   shapes = param_shapes(model)
   known = {r.key for r in rules}

@@ -123,7 +123,11 @@ class IdfCounts:
 
   def update(self, targets) -> "IdfCounts":
     """Adds a global batch of multi-hot targets [batch, vocab]."""
-    per_token = jnp.sum(targets, axis=0, dtype=jnp.float32)  # exact below 2**24 captions
+    # Documents per token, as a matrix-vector product: XLA:CPU runs a column sum over
+    # [batch, vocab] ~15x slower. 0/1 terms, float32 sums: exact below 2**24 captions per batch.
+    targets = targets.astype(jnp.float32)
+    per_token = jnp.dot(jnp.ones((targets.shape[0],), jnp.float32), targets,
+                        precision=jax.lax.Precision.HIGHEST)
     return IdfCounts(self.doc_freq.add(per_token), self.num_docs.add(targets.shape[0]))
 
   def weights(self):

@@ -9,6 +9,7 @@ names follow OpenCLIP's state dict so that export is a renaming plus transposes:
     visual/positional_embedding    [1 + grid**2, width]
     visual/{ln_pre,ln_post}/{scale,bias}
     visual/transformer/resblocks_{i}/{ln_1,attn,ln_2,mlp}/...
+                                   (scan_layers=True: resblocks/..., stacked [layers, ...])
     visual/proj                    [width, embed_dim]      (used as x @ proj)
     text/token_embedding/embedding [vocab, width]
     text/positional_embedding      [context, width]
@@ -20,17 +21,24 @@ names follow OpenCLIP's state dict so that export is a renaming plus transposes:
 
 Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators). Attention
 logits, softmax and every LayerNorm statistic are computed in float32.
+
+`scan_layers=True` runs each tower's blocks as one `nn.scan` over a single block (XLA compiles
+one block instead of `layers` copies); its parameters are those of the per-layer model stacked
+along a leading [layers] axis (`stack_layers` / `unstack_layers` convert, exactly). Numerics
+are the same either way. `remat_policy` rematerialises each block in the backward pass.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LN_EPS = 1e-5
 MODES = ("superclip", "clip", "superclass")
@@ -155,22 +163,124 @@ class ResidualAttentionBlock(nn.Module):
     return x
 
 
+# The scanned blocks' name; per-layer blocks are f"resblocks_{i}".
+STACKED_BLOCKS = "resblocks"
+_LAYER_BLOCK = re.compile(r"resblocks_(\d+)")
+
+
+class _ScanBody(ResidualAttentionBlock):
+  """The block as nn.scan's body: (carry x, broadcast mask) -> (x, no per-layer output)."""
+
+  def __call__(self, x, mask=None):
+    return super().__call__(x, mask), None
+
+
+# jax.checkpoint_policies usable by name (the others are factories that need arguments).
+_NAMED_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+CHECKPOINT_POLICIES = tuple(n for n in _NAMED_POLICIES if hasattr(jax.checkpoint_policies, n))
+REMAT_POLICIES = ("none", "full") + CHECKPOINT_POLICIES
+
+
+def check_remat_policy(remat_policy: str) -> None:
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy={remat_policy!r}: use one of "
+                     f"{list(REMAT_POLICIES)}")
+
+
+def checkpoint_policy(remat_policy: str):
+  """config.model.remat_policy (not 'none') -> nn.remat's policy ('full': None, save nothing)."""
+  check_remat_policy(remat_policy)
+  return None if remat_policy == "full" else getattr(jax.checkpoint_policies, remat_policy)
+
+
 class Transformer(nn.Module):
+  """`size.layers` blocks: named resblocks_{i}, or one scanned `resblocks` (scan_layers)."""
   size: TowerSize
   quick_gelu: bool = False
   dtype: Any = jnp.float32
-  remat_policy: str = "none"  # 'none' | 'full' | any jax.checkpoint_policies name
+  remat_policy: str = "none"  # 'none' | 'full' | a name in CHECKPOINT_POLICIES
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
-    block = ResidualAttentionBlock
+    block = _ScanBody if self.scan_layers else ResidualAttentionBlock
     if self.remat_policy != "none":
-      policy = (None if self.remat_policy == "full"
-                else getattr(jax.checkpoint_policies, self.remat_policy))
-      block = nn.remat(ResidualAttentionBlock, policy=policy)
+      # Inside a scan the loop already keeps XLA from merging the recomputation back into the
+      # forward pass, so prevent_cse's extra barriers are only needed for unrolled layers.
+      block = nn.remat(block, policy=checkpoint_policy(self.remat_policy),
+                       prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      # Each layer gets its own init RNG (split_rngs), so per-layer init distributions are the
+      # unrolled model's; the mask is the same for every layer (broadcast).
+      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=nn.broadcast, length=self.size.layers)
+      x, _ = blocks(self.size, self.quick_gelu, self.dtype, name=STACKED_BLOCKS)(x, mask)
+      return x
     for i in range(self.size.layers):
       x = block(self.size, self.quick_gelu, self.dtype, name=f"resblocks_{i}")(x, mask)
     return x
+
+
+def is_stacked(name: str) -> bool:
+  """Does parameter `name` ('visual/transformer/resblocks/ln_1/scale') carry a leading
+  [layers] axis (a scan_layers parameter, or its optimizer moment)?"""
+  return STACKED_BLOCKS in name.split("/")
+
+
+def _stack(leaves):
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+  if all(isinstance(x, (np.ndarray, np.generic, float, int)) for x in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def _index(x, i):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+  return x[i]
+
+
+def stack_layers(tree):
+  """Per-layer params -> the scan_layers=True layout, exactly.
+
+  Every mapping holding `resblocks_0 .. resblocks_{n-1}` gets instead one `resblocks` whose
+  leaves are the n per-layer leaves stacked along a new leading axis [n, ...]; everything else
+  is kept. Works on any tree of nested mappings with the params' names (params, gradients,
+  weight-decay masks) whose leaves are numpy/jax arrays, scalars or ShapeDtypeStructs
+  (numpy in, numpy out). Inverse of `unstack_layers`.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: stack_layers(v) for k, v in tree.items() if not _LAYER_BLOCK.fullmatch(k)}
+  layers = sorted(int(_LAYER_BLOCK.fullmatch(k).group(1)) for k in tree
+                  if _LAYER_BLOCK.fullmatch(k))
+  if layers:
+    if layers != list(range(len(layers))):
+      raise ValueError(f"stack_layers: blocks {['resblocks_%d' % i for i in layers]} are not "
+                       f"numbered 0..{len(layers) - 1}")
+    if STACKED_BLOCKS in tree:
+      raise ValueError("stack_layers: the tree has both resblocks_{i} and stacked resblocks")
+    blocks = [tree[f"resblocks_{i}"] for i in layers]
+    out[STACKED_BLOCKS] = jax.tree.map(lambda *xs: _stack(xs), *blocks)
+  return out
+
+
+def unstack_layers(tree):
+  """The scan_layers=True layout -> per-layer params (`resblocks_{i}`), exactly; the inverse
+  of `stack_layers`. A tree without stacked blocks is returned as it is (as plain dicts)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: unstack_layers(v) for k, v in tree.items() if k != STACKED_BLOCKS}
+  if STACKED_BLOCKS in tree:
+    stacked = tree[STACKED_BLOCKS]
+    layers = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
+    if len(layers) != 1:
+      raise ValueError(f"unstack_layers: stacked blocks with different leading sizes {layers}")
+    for i in range(layers.pop()):
+      out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: _index(x, i), stacked)
+  return out
 
 
 class VisionTransformer(nn.Module):
@@ -184,6 +294,7 @@ class VisionTransformer(nn.Module):
   patch_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -207,7 +318,7 @@ class VisionTransformer(nn.Module):
       x = _patch_dropout(x, self.patch_dropout, self.make_rng("patch_dropout"))
     x = _layer_norm("ln_pre")(x).astype(self.dtype)
     x = Transformer(self.size, self.quick_gelu, self.dtype, self.remat_policy,
-                    name="transformer")(x)
+                    self.scan_layers, name="transformer")(x)
     x = _layer_norm("ln_post")(x)
     proj = self.param("proj", nn.initializers.normal(scale), (width, self.embed_dim))
     return x[:, 0] @ proj, x
@@ -233,6 +344,7 @@ class TextTransformer(nn.Module):
   quick_gelu: bool = False
   dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -246,7 +358,7 @@ class TextTransformer(nn.Module):
     x = x + pos.astype(self.dtype)
     causal = jnp.tril(jnp.ones((self.context_length, self.context_length), bool))
     x = Transformer(self.size, self.quick_gelu, self.dtype, self.remat_policy,
-                    name="transformer")(x, causal)
+                    self.scan_layers, name="transformer")(x, causal)
     x = _layer_norm("ln_final")(x)
     eot = jnp.argmax(tokens, axis=-1)  # EOT (49407) is the largest id; first maximum.
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
@@ -298,7 +410,8 @@ class SuperCLIP(nn.Module):
   logit_bias: Optional[float] = None  # init value; None = no bias parameter (softmax CLIP)
   logit_scale_init: float = math.log(1 / 0.07)
   dtype: Any = jnp.float32
-  remat_policy: str = "none"
+  remat_policy: str = "none"  # 'none' | 'full' | a name in CHECKPOINT_POLICIES
+  scan_layers: bool = False  # one nn.scan over the blocks of each tower (see stack_layers)
 
   def setup(self):
     if self.mode not in MODES:
@@ -309,13 +422,13 @@ class SuperCLIP(nn.Module):
     embed = self.embed_dim or EMBED_DIMS[size]
     self.visual = VisionTransformer(VIT_SIZES[size], patch, self.image_size, embed,
                                     self.quick_gelu, self.patch_dropout, self.dtype,
-                                    self.remat_policy)
+                                    self.remat_policy, self.scan_layers)
     if self.mode != "superclass":
       if (self.text_size or size) not in TEXT_SIZES:
         raise ValueError(f"model.text_size must be one of {sorted(TEXT_SIZES)}")
       self.text = TextTransformer(TEXT_SIZES[self.text_size or size], embed, self.vocab_size,
                                   self.context_length, self.quick_gelu, self.dtype,
-                                  self.remat_policy)
+                                  self.remat_policy, self.scan_layers)
       self.logit_scale = self.param("logit_scale", nn.initializers.constant(
           self.logit_scale_init), ())
       if self.logit_bias is not None:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from superclip_jax import param_rules
+from superclip_jax import models, param_rules
 
 
 def make_schedule(config):
@@ -32,10 +32,15 @@ def weight_decay_mask(config, params):
   """Tree of wd multipliers: `config.wd_mults` rules, and never any tensor with ndim < 2.
 
   The default rules reproduce the official exemption (names containing ln / bn / bias /
-  logit_scale), see configs.
+  logit_scale), see configs. The ndim is per layer: a scan_layers parameter's leading [layers]
+  axis does not count, so the mask is the unscanned model's, stacked.
   """
   mults = param_rules.tree_match(config.wd_mults, params, what="wd_mults rule")
-  return jax.tree.map(lambda m, p: float(m) if jnp.ndim(p) >= 2 else 0.0, mults, params)
+  names = param_rules.tree_names(params)
+
+  def mult(m, name, p):
+    return float(m) if jnp.ndim(p) - models.is_stacked(name) >= 2 else 0.0
+  return jax.tree.map(mult, mults, names, params)
 
 
 def make_optimizer(config, params):

@@ -5,7 +5,9 @@ optimizer state are placed by `config.sharding_rules` (regex over parameter name
 wins):
   'replicate'            a full copy on every device
   'fsdp'                 split along the largest dimension divisible by the 'fsdp' axis size
-                         (replicated when no dimension divides)
+                         (replicated when no dimension divides); never the leading [layers]
+                         axis of scan_layers parameters, which the scan slices one layer at a
+                         time (split, XLA would gather the whole stack onto every device)
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from superclip_jax import param_rules
+from superclip_jax import models, param_rules
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -46,17 +48,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
+def check_batch(global_batch: int, mesh: Mesh, accum_steps: int = 1) -> None:
+  """The global batch, and each of its `accum_steps` micro-batches, must split over the mesh."""
   if global_batch % mesh.size:
     raise ValueError(f"input.batch_size={global_batch} must be divisible by the number of "
                      f"devices ({mesh.size}); e.g. {global_batch // mesh.size * mesh.size or mesh.size}")
+  if accum_steps > 1:  # (batch_size % accum_steps: config_lib.validate)
+    micro = global_batch // accum_steps
+    if micro % mesh.size:
+      raise ValueError(
+          f"input.batch_size / accum_steps = {global_batch} / {accum_steps} = {micro} (the "
+          f"micro-batch) must be divisible by the number of devices ({mesh.size}): every "
+          f"micro-batch is spread over all of them; lower accum_steps or make input.batch_size "
+          f"a multiple of {accum_steps * mesh.size}")
 
 
-def _spec(rule: str, shape, fsdp_size: int) -> P:
+def _spec(rule: str, shape, fsdp_size: int, stacked: bool = False) -> P:
   if rule == "replicate":
     return P()
   if rule == "fsdp":
-    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    dims = sorted(range(int(stacked), len(shape)), key=lambda d: -shape[d])
     for d in dims:
       if shape[d] % fsdp_size == 0 and shape[d] >= fsdp_size:
         spec = [None] * len(shape)
@@ -73,5 +84,7 @@ def tree_shardings(rules, tree, mesh: Mesh):
   """
   fsdp_size = mesh.shape["fsdp"]
   chosen = param_rules.tree_match(rules, tree, default="replicate", what="sharding rule")
+  names = param_rules.tree_names(tree)
   return jax.tree.map(
-      lambda r, x: NamedSharding(mesh, _spec(r, np.shape(x), fsdp_size)), chosen, tree)
+      lambda r, n, x: NamedSharding(mesh, _spec(r, np.shape(x), fsdp_size,
+                                                models.is_stacked(n))), chosen, names, tree)

@@ -24,6 +24,24 @@ def make_train_step(config, model, tx, schedule, mesh=None):
 
   With a mesh of several devices the contrastive loss is computed shard-locally
   (`losses.sharded_contrastive_loss`): no device holds the global [batch, batch] logits.
+
+  Gradient accumulation (`config.accum_steps` = k > 1; OpenCLIP's --accum-freq feature
+  caching, which keeps every negative): the global batch of B is split into k micro-batches,
+  micro-batch i being rows i, i + k, i + 2k, ... (the batch is sharded over the devices in
+  contiguous blocks, so strided rows keep each micro-batch spread over all of them).
+    1. Forward all k micro-batches without gradient and cache the embeddings zimg, ztxt of
+       the whole batch ([B, embed] each).
+    2. For each micro-batch: forward again with gradient, put its embeddings into the cached
+       ones (same rows), compute the contrastive loss over all B pairs plus the class loss of
+       the micro-batch divided by k, and add up the gradients. logit_scale / logit_bias enter
+       each of the k contrastive losses directly, so their direct gradient is scaled by 1/k.
+  The sum is the full-batch gradient up to float rounding, and the metrics are the full-batch
+  values; only one micro-batch's activations are live at a time. The IDF counts advance
+  once, with the whole global batch, before any micro-batch uses them. Micro-batch i uses the
+  step's RNG folded with i in both passes, so with patch dropout the masks are consistent
+  between the passes but differ from those of the same step without accumulation. In
+  'superclass' mode (no contrastive loss) it is plain micro-batch gradient averaging.
+  k = 1 is the plain full-batch step.
   """
   mode = config.model.mode
   vocab = config.model.vocab_size
@@ -31,11 +49,14 @@ def make_train_step(config, model, tx, schedule, mesh=None):
   contrastive = config.loss.contrastive
   use_idf = config.loss.use_idf
   batch_size = config.input.batch_size
+  accum_steps = config.get("accum_steps", 1)
 
-  def loss_fn(params, batch, targets, idf_weights, rng):
-    out = model.apply({"params": params}, batch["image"],
-                      None if mode == "superclass" else batch["tokens"], train=True,
-                      rngs={"patch_dropout": rng})
+  def forward(params, batch, rng):
+    return model.apply({"params": params}, batch["image"],
+                       None if mode == "superclass" else batch["tokens"], train=True,
+                       rngs={"patch_dropout": rng})
+
+  def loss_terms(out, targets, idf_weights):
     terms = {}
     if mode != "superclass":
       terms["contrastive_loss"] = (
@@ -43,8 +64,74 @@ def make_train_step(config, model, tx, schedule, mesh=None):
           if mesh is not None and mesh.size > 1 else losses.contrastive_loss(contrastive, out))
     if mode != "clip":
       terms["class_loss"] = losses.idf_class_loss(out["class_logits"], targets, idf_weights)
-    total = terms.get("contrastive_loss", 0.0) + class_weight * terms.get("class_loss", 0.0)
-    return total, terms
+    return terms
+
+  def total_loss(terms):
+    return terms.get("contrastive_loss", 0.0) + class_weight * terms.get("class_loss", 0.0)
+
+  def loss_fn(params, batch, targets, idf_weights, rng):
+    terms = loss_terms(forward(params, batch, rng), targets, idf_weights)
+    return total_loss(terms), terms
+
+  def constrain(x):  # keep micro-batches and cached embeddings split over all devices
+    if mesh is None or mesh.size == 1:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+
+  def micro(x, i):
+    """Rows i, i + k, i + 2k, ... of a global-batch array [B, ...] -> [B/k, ...]."""
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    return constrain(jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False))
+
+  def micro_batch(batch, i):
+    keys = ["image"] + (["tokens"] if mode != "superclass" else []) + (
+        ["class_tokens"] if mode != "clip" else [])
+    return {key: micro(batch[key], i) for key in keys}
+
+  def accumulated_value_and_grad(params, batch, idf_weights, rng):
+    """(loss, terms), grads of the full global batch, one micro-batch at a time."""
+    k = accum_steps
+    cached = None
+    if mode != "superclass":
+      def embed(i):
+        out = forward(params, micro_batch(batch, i), jax.random.fold_in(rng, i))
+        return jax.lax.stop_gradient((out["zimg"], out["ztxt"]))
+      zimg, ztxt = jax.lax.map(embed, jnp.arange(k))  # [k, B/k, embed]
+      # [B/k, k, embed]: row-major flattening gives back the batch's own row order.
+      cached = (constrain(jnp.swapaxes(zimg, 0, 1)), constrain(jnp.swapaxes(ztxt, 0, 1)))
+
+    def put(cache, z, i):  # cache [B/k, k, embed] with micro-batch i replaced -> [B, embed]
+      full = jax.lax.dynamic_update_index_in_dim(cache, z.astype(cache.dtype), i, axis=1)
+      return constrain(full.reshape(-1, full.shape[-1]))
+
+    def micro_loss(params, i):
+      mb = micro_batch(batch, i)
+      out = forward(params, mb, jax.random.fold_in(rng, i))
+      if cached is not None:
+        out = dict(out, zimg=put(cached[0], out["zimg"], i), ztxt=put(cached[1], out["ztxt"], i))
+        for name in ("logit_scale", "logit_bias"):  # direct gradient counted once over the k
+          if name in out:
+            fixed = jax.lax.stop_gradient(out[name])
+            out[name] = fixed + (out[name] - fixed) / k
+      targets = losses.multi_hot(mb["class_tokens"], vocab) if mode != "clip" else None
+      terms = loss_terms(out, targets, idf_weights)
+      if "class_loss" in terms:  # micro-batch mean / k: the k of them sum to the batch mean
+        terms["class_loss"] = terms["class_loss"] / k
+      return total_loss(terms), terms
+
+    def body(carry, i):
+      grads, terms = carry
+      (_, t), g = jax.value_and_grad(micro_loss, has_aux=True)(params, i)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, terms, t)), None
+
+    names = (["contrastive_loss"] if mode != "superclass" else []) + (
+        ["class_loss"] if mode != "clip" else [])
+    init = (jax.tree.map(jnp.zeros_like, params),
+            {name: jnp.zeros((), jnp.float32) for name in names})
+    (grads, terms), _ = jax.lax.scan(body, init, jnp.arange(k))
+    if "contrastive_loss" in terms:  # each micro-batch computed the same full-batch value
+      terms["contrastive_loss"] = terms["contrastive_loss"] / k
+    return (total_loss(terms), terms), grads
 
   def step(state: train_state.TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -55,22 +142,31 @@ def make_train_step(config, model, tx, schedule, mesh=None):
       targets = losses.multi_hot(batch["class_tokens"], vocab)
       idf = idf.update(targets)
       idf_weights = idf.weights() if use_idf else jnp.ones((vocab,), jnp.float32)
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, targets, idf_weights, rng)
+    if accum_steps == 1:
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, batch, targets, idf_weights, rng)
+    else:
+      (loss, terms), grads = accumulated_value_and_grad(state.params, batch, idf_weights, rng)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optim.clamp_logit_scale(optax.apply_updates(state.params, updates))
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, idf=idf,
+    # A non-finite loss or gradient drops the whole batch: only the step and the data position
+    # advance, so the state stays good (and 'stop' halts with the last good state). lax.cond,
+    # not a select over the state: a select keeps the old optimizer state alive beside the new
+    # one, so XLA copies every moment buffer each step (2 copies of mu and nu per parameter).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply_update(operands):
+      params, opt_state = operands
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optim.clamp_logit_scale(optax.apply_updates(params, updates)), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands,
+                                     (state.params, state.opt_state))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        idf=jax.tree.map(lambda a, b: jnp.where(finite, a, b), idf, state.idf),
                         examples_seen=state.examples_seen.add(batch_size))
     if "_position" in batch:  # where each source of each process stands after this batch
       new = new.replace(data_position=input_pipeline.advance_position(state.data_position,
                                                                       batch["_position"]))
-    # A non-finite loss or gradient drops the whole batch: only the step and the data position
-    # advance, so the state stays good (and 'stop' halts with the last good state).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    skipped = state.replace(step=new.step, examples_seen=new.examples_seen,
-                            data_position=new.data_position)
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
     metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.step),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
     if "logit_scale" in params:
@@ -108,7 +204,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
   """
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.input.batch_size, mesh)
+  sharding.check_batch(config.input.batch_size, mesh, config.get("accum_steps", 1))
   input_pipeline.local_batch_size(config.input.batch_size)
   factory = train_state.StateFactory(config, mesh)
   evals = evaluators.build(config, factory.model, mesh)
@@ -118,6 +214,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
   if ckpt.latest_step() is not None:
     logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
     state = ckpt.restore(factory.abstract_with_shardings())
+    state = _resume_data_position(config, factory, state)
   elif config.init_from:
     from superclip_jax import convert  # torch-format import; only needed here
     init = jax.tree.map(np.asarray, factory.fresh_params())
@@ -133,7 +230,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
   start_step = int(state.step)
   start_example = state.examples_seen.value()
   ds = input_pipeline.train_dataset(config, start=start_example,
-                                    position=np.asarray(jax.device_get(state.data_position)))
+                                    position=np.asarray(jax.device_get(state.data_position)),
+                                    origin=np.asarray(jax.device_get(state.data_origin)))
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
                                               sharding.batch_sharding(mesh))
   preemption = _Preemption()
@@ -166,6 +264,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
     ckpt.close()
     logger.close()
   return state
+
+
+def _resume_data_position(config, factory, state):
+  """The restored data position, mapped to this run's process count (a no-op if unchanged)."""
+  table, origin = input_pipeline.resume_position(
+      config, jax.device_get(state.data_position), jax.device_get(state.data_origin))
+
+  def put(value, target):  # the same value on every process: each fills its own shards
+    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+  return state.replace(data_position=put(table, factory.shardings.data_position),
+                       data_origin=put(origin, factory.shardings.data_origin))
 
 
 def _raise_if_nonfinite(history, step, config):

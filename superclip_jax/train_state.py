@@ -27,6 +27,10 @@ class TrainState:
   # int32 [processes, sources, 2]: each source's next (group, offset) on each process
   # (input_pipeline.advance_position); file sources resume from it exactly.
   data_position: jax.Array
+  # int32 [sources, 2]: the (epoch, item) of each source's global item sequence where the
+  # positions count from; moved only when a resume changes the process count
+  # (input_pipeline.resume_position). Zeros in checkpoints written before it existed.
+  data_origin: jax.Array
 
 
 def dummy_inputs(config):
@@ -52,7 +56,8 @@ class StateFactory:
     self.abstract = jax.eval_shape(self._init, jnp.zeros((2,), jnp.uint32))
     self.shardings = sharding.tree_shardings(config.sharding_rules, self.abstract, mesh)
     # Every host reads the whole table at a restart: keep it replicated whatever the rules.
-    self.shardings = self.shardings.replace(data_position=sharding.replicated(mesh))
+    self.shardings = self.shardings.replace(data_position=sharding.replicated(mesh),
+                                            data_origin=sharding.replicated(mesh))
 
   def _init(self, rng_data, params=None):
     params_rng, train_rng = jax.random.split(jax.random.wrap_key_data(rng_data))
@@ -66,6 +71,7 @@ class StateFactory:
         idf=losses.IdfCounts.zeros(self.config.model.vocab_size),
         examples_seen=losses.ExactCount.zeros(),
         data_position=jnp.zeros(input_pipeline.position_shape(self.config), jnp.int32),
+        data_origin=jnp.zeros(input_pipeline.origin_shape(self.config), jnp.int32),
     )
 
   def _seed_data(self):

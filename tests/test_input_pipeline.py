@@ -520,3 +520,114 @@ def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(dam
     table = step(table, batch)
   assert np.asarray(table)[0, 0].tolist() == (np.asarray(batch["_position"])[-1, 2:] +
                                               [0, 1]).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with another number of processes (config.input.on_process_count_change).
+
+def _consume(config, start, table, origin, processes, steps):
+  """`steps` global batches read by `processes` processes from (start, table, origin): the
+  batches of each process, and the table after each step (tables[s]: after s steps)."""
+  per = [_batches(input_pipeline.train_dataset(
+      config, start=start, position=np.asarray(table), origin=origin, process_index=p,
+      process_count=processes, with_keys=True), steps) for p in range(processes)]
+  advance = jax.jit(input_pipeline.advance_position)
+  tables = [np.asarray(table)]
+  for step in range(steps):
+    tables.append(np.asarray(advance(tables[-1], np.concatenate(
+        [per[p][step]["_position"] for p in range(processes)]))))
+  return per, tables
+
+
+def test_demo_data_resumes_exactly_with_another_process_count():
+  config = _config("demo", batch=4)
+  one = _batches(input_pipeline.train_dataset(config, start=8), 2)
+  two = [_batches(input_pipeline.train_dataset(config, start=8, process_index=p,
+                                               process_count=2), 2) for p in range(2)]
+  for step in range(2):  # process p's rows are rows [2p, 2p + 2) of the global batch
+    np.testing.assert_array_equal(
+        one[step]["image"], np.concatenate([two[p][step]["image"] for p in range(2)]))
+  table, origin = input_pipeline.resume_position(  # the default policy: demo needs none
+      config, np.ones((2, 1, 2)), np.zeros((1, 2)), process_count=1)
+  assert table.shape == (1, 1, 2) and not table.any() and origin.shape == (1, 2)
+
+
+def test_restart_after_a_process_count_change_skips_nothing_and_resumes_exactly(
+    damaged_shards):
+  spec, _, _ = damaged_shards
+  config = _config(spec)  # 7 shards (5 with good records), groups of 2, batch 4
+  seed, num = input_pipeline.data_seed(config), 7
+  origin = np.zeros((1, 2), np.int32)
+  before, tables = _consume(config, 0, input_pipeline.initial_position(config, 2), origin, 2, 9)
+  old_table = tables[-1]  # process 0 in its group 2, process 1 in its group 2 too
+  with pytest.raises(ValueError, match="on_process_count_change='restart'"):
+    input_pipeline.resume_position(config, old_table, origin, process_count=1)
+
+  config.input.on_process_count_change = "restart"
+  table, new_origin = input_pipeline.resume_position(config, old_table, origin, process_count=1)
+  restart = int(new_origin[0, 0]) * num + int(new_origin[0, 1])
+  assert restart == 8  # epoch 1, item 1: old process 0's group 2 starts there
+  # The documented rule: old process p's items (global p + 2j) of groups before its current
+  # one are finished; those of its current group are started. The restart is the first
+  # unfinished item of any process; the started items at or after it are read again.
+  k_old = 2
+  finished = [p + 2 * j for p in range(2) for j in range(old_table[p, 0, 0] * k_old)]
+  started = [p + 2 * j for p in range(2)
+             for j in range(old_table[p, 0, 0] * k_old + k_old * (old_table[p, 0, 1] > 0))]
+  assert restart == min(set(range(max(started) + 2)) - set(finished))
+  repeated_items = [i for i in started if i >= restart]
+  assert input_pipeline.build_sources(config)[0].restart_positions(
+      old_table[:, 0], origin[0], 1, 2)[2] == len(repeated_items)
+  assert table.shape == (1, 1, 2) and not table.any()
+
+  after, after_tables = _consume(config, 36, table, new_origin, 1, 12)
+  # Groups of the new stream (one process, 2 shards each) follow each other from `restart`:
+  # all groups before the last one seen are complete.
+  complete = int(max(b["_position"][:, 2].max() for b in after[0]))
+  end = restart + 2 * complete
+  assert end > max(started)  # the window covers everything the old processes opened
+  sequence = sources.process_items(num, seed, 0, 0, 1, 0, end)
+
+  def records(shard_items):
+    return collections.Counter(k for s in shard_items for k in good_by_shard[s])
+  good_by_shard = collections.defaultdict(list)
+  for key in damaged_shards[1]:
+    good_by_shard[int(key[1])].append(key)
+  expected = records(sequence)  # every record of global items [0, end)
+  seen = collections.Counter(_keys([b for p in range(2) for b in before[p]]))
+  seen += collections.Counter(k.decode() for b in after[0]
+                              for k, g in zip(b["_key"], b["_position"][:, 2]) if g < complete)
+  assert not expected - seen  # nothing skipped
+  extra = seen - expected
+  assert not extra - records(sequence[repeated_items])  # repeats only from re-read shards
+  assert sum(extra.values()) > 0  # (this restart does repeat something)
+
+  # Later resumes with the new count are exact again.
+  resumed, _ = _consume(config, 36 + 6 * 4, after_tables[6], new_origin, 1, 6)
+  for a, b in zip(after[0][6:], resumed[0]):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_restart_of_an_image_folder_is_file_exact(image_folder):
+  """Folder files are read in order: 2 -> 1 processes repeats nothing and skips nothing."""
+  config = _config(f"folder:{image_folder}", batch=4, on_process_count_change="restart")
+  origin = np.zeros((1, 2), np.int32)
+  before, tables = _consume(config, 0, input_pipeline.initial_position(config, 2), origin, 2, 4)
+  table, new_origin = input_pipeline.resume_position(config, tables[-1], origin, 1)
+  assert new_origin.tolist() == [[1, 4]]  # 16 files read of 12 per epoch
+  after, _ = _consume(config, 16, table, new_origin, 1, 3)
+  source = input_pipeline.build_sources(config)[0]
+  order = source.files[sources.process_items(12, 0, 0, 0, 1, 0, 28)]
+  got = [None] * 16
+  for p in range(2):
+    for i, key in enumerate(_keys(before[p])):
+      got[p + 2 * i] = key
+  assert got + _keys(after[0]) == [f for f in order.tolist()]
+
+
+def test_tfds_restart_starts_at_the_least_advanced_epoch():
+  rows = np.array([[3, 5], [2, 7], [4, 0]])
+  origin, new_rows, repeated = sources.TfdsSource.restart_positions(None, rows, (0, 0), 2, 8)
+  assert new_rows.tolist() == [[2, 0], [2, 0]] and tuple(origin) == (0, 0)
+  assert repeated == 2 + 1 + 2  # epochs 2-3 of process 0, 2 of process 1, 2-3 of process 2

@@ -23,7 +23,9 @@ train step folds a batch's `_position` into the state's data-position table int3
 examples_seen) back to `train_dataset`, and each source continues right after the last
 record consumed (no repeats, no skips: bad records were dropped before a position was
 consumed, augmentation is seeded by position, and the mixture's choice for a process's n-th
-example depends only on n = examples_seen / processes).
+example depends only on n = examples_seen / processes). A run with a different number of
+processes maps the saved table with `resume_position` (config.input.on_process_count_change):
+exact for the demo data, a documented re-reading restart for file sources (docs/data.md).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from superclip_jax import tokenizer
 from superclip_jax.data import bad_records, demo, sources, transforms
@@ -62,7 +65,12 @@ DEFAULTS = dict(
     seed=None,  # None: config.seed
     threads=0,  # tf.data private thread pool per pipeline; 0 = TensorFlow's default
     prefetch=2,  # batches
+    # A resumed run with another number of processes than the one that saved the data
+    # position: 'error', or 'restart' file sources where some process had not finished
+    # (re-reads, never skips; resume_position, docs/data.md). The demo data resumes exactly.
+    on_process_count_change="error",
 )
+PROCESS_COUNT_POLICIES = ("error", "restart")
 
 
 def _input_field(config, name):
@@ -140,6 +148,61 @@ def initial_position(config, process_count: int | None = None) -> np.ndarray:
   return np.zeros(position_shape(config, process_count), np.int32)
 
 
+def origin_shape(config) -> tuple[int, int]:
+  """Shape of the train state's data origin: [sources, 2], each source's (epoch, item)."""
+  return (num_sources(config), 2)
+
+
+def resume_position(config, table, origin, process_count: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(table, origin) to resume with this run's process count from a saved data position.
+
+  table: int [saved processes, sources, 2]; origin: int [sources, 2] (sources.Source's global
+  item origin, (epoch, item)). The same process count: both unchanged. Otherwise the demo
+  data resumes exactly (it depends on examples_seen only); file sources follow
+  config.input.on_process_count_change: 'error' (default) refuses, 'restart' starts every new
+  process at the first item some old process had not finished (`restart_positions`), which
+  repeats what the old processes had read beyond it and skips nothing; it logs how many
+  shards are read again. The returned origin makes later resumes with the new count exact.
+  """
+  n = jax.process_count() if process_count is None else process_count
+  table = np.asarray(table, np.int64)
+  origin = np.asarray(origin, np.int64)
+  old = table.shape[0]
+  if old == n:
+    return table.astype(np.int32), origin.astype(np.int32)
+  if sources.parse_spec(mixture(config.input.data)[0][0])[0] == "demo":
+    return initial_position(config, n), origin.astype(np.int32)
+  policy = _input_field(config, "on_process_count_change")
+  if policy not in PROCESS_COUNT_POLICIES:
+    raise ValueError(f"config.input.on_process_count_change={policy!r}: use one of "
+                     f"{PROCESS_COUNT_POLICIES}")
+  if policy == "error":
+    raise ValueError(
+        f"the data position was saved by {old} processes; this run has {n}. File sources "
+        "cannot continue exactly with another process count (each process reads its own "
+        f"shards). Resume with {old} processes, or set "
+        "config.input.on_process_count_change='restart' to restart every source at the first "
+        "shard some process had not finished (re-reads those shards, skips nothing; "
+        "docs/data.md).")
+  srcs = build_sources(config)
+  if table.shape[1:] != (len(srcs), 2) or origin.shape != (len(srcs), 2):
+    raise ValueError(f"the data position has shape {table.shape} (origin {origin.shape}), "
+                     f"expected ({old}, {len(srcs)}, 2) for {len(srcs)} source(s) in "
+                     "config.input.data: the data config changed")
+  new_table = np.zeros((n, len(srcs), 2), np.int64)
+  new_origin = origin.copy()
+  for i, src in enumerate(srcs):
+    new_origin[i], new_table[:, i], repeated = src.restart_positions(
+        table[:, i], origin[i], n, int(_input_field(config, "cycle_length")))
+    logging.warning(
+        "%s: data position saved by %d processes, resuming with %d "
+        "(on_process_count_change='restart'): restarting at epoch %d, %s %d; %d %s(s) that "
+        "old processes had started are read again, nothing is skipped.", src.spec, old, n,
+        new_origin[i][0], src.item_name, new_origin[i][1], repeated, src.item_name)
+  return new_table.astype(np.int32), new_origin.astype(np.int32)
+
+
 def advance_position(table: jax.Array, positions: jax.Array) -> jax.Array:
   """The data-position table after a batch: pure, for the jitted train step.
 
@@ -172,7 +235,8 @@ def _this_process_position(position, start: int, num: int, process_index: int,
   if position.ndim == 3:
     if position.shape[0] != process_count:
       raise ValueError(f"the data position was saved by {position.shape[0]} processes; this run "
-                       f"has {process_count}. Resume with the same number of processes.")
+                       f"has {process_count}. Resume with the same number of processes, or map "
+                       "it with resume_position (config.input.on_process_count_change).")
     position = position[process_index]
   if position.shape != (num, 2):
     raise ValueError(f"the data position has shape {position.shape}, expected ({num}, 2) for "
@@ -211,7 +275,7 @@ def _train_micro_batch(records, groups, offsets, *, seed: int, size: int, scale)
   return images, captions, long_captions, keys, status
 
 
-def _train_examples(config, source: sources.Source, source_index: int, position,
+def _train_examples(config, source: sources.Source, source_index: int, position, origin,
                     process_index: int, process_count: int, with_keys: bool) -> tf.data.Dataset:
   """One source's good examples for this process: image uint8, captions, _position."""
   size = config.model.image_size
@@ -223,7 +287,8 @@ def _train_examples(config, source: sources.Source, source_index: int, position,
       seed=seed, source_index=source_index, group=int(position[0]), offset=int(position[1]),
       process_index=process_index, process_count=process_count,
       cycle_length=int(_input_field(config, "cycle_length")),
-      shuffle_buffer=int(_input_field(config, "shuffle_buffer")))
+      shuffle_buffer=int(_input_field(config, "shuffle_buffer")),
+      origin=(int(origin[0]), int(origin[1])))
 
   def process(mb):
     image, caption, long_caption, key, status = tf.numpy_function(
@@ -278,13 +343,15 @@ def _finish_batch(config, dual: bool):
   return finish
 
 
-def train_dataset(config, start: int = 0, position=None, *, process_index: int | None = None,
-                  process_count: int | None = None, with_keys: bool = False) -> tf.data.Dataset:
+def train_dataset(config, start: int = 0, position=None, *, origin=None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  with_keys: bool = False) -> tf.data.Dataset:
   """This process's slices of the global training batches.
 
   start: global examples consumed so far (train state examples_seen). position: the train
   state's data-position table [processes, sources, 2] (or this process's row [sources, 2]);
-  required to resume a file source (start > 0). process_index / process_count default to
+  required to resume a file source (start > 0). origin: the train state's data_origin
+  [sources, 2] (None: every source from its start). process_index / process_count default to
   JAX's (tests pass them to act as one host of many). with_keys adds '_key' (string [b]: each
   example's record key) for inspection; a train step cannot take strings.
   """
@@ -296,7 +363,11 @@ def train_dataset(config, start: int = 0, position=None, *, process_index: int |
     return _demo_train_dataset(config, start, p, n)
   srcs = build_sources(config)
   resume = _this_process_position(position, start, len(srcs), p, n)
-  streams = [_train_examples(config, src, i, resume[i], p, n, with_keys)
+  origin = np.zeros((len(srcs), 2), np.int64) if origin is None else np.asarray(origin)
+  if origin.shape != (len(srcs), 2):
+    raise ValueError(f"the data origin has shape {origin.shape}, expected ({len(srcs)}, 2) for "
+                     f"{len(srcs)} source(s) in config.input.data: the data config changed")
+  streams = [_train_examples(config, src, i, resume[i], origin[i], p, n, with_keys)
              for i, src in enumerate(srcs)]
   ds = _mixed(streams, [w for _, w in pairs], data_seed(config), start // n, p)
   ds = ds.batch(local, drop_remainder=True)

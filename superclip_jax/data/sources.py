@@ -36,6 +36,12 @@ seed of the group): record r of group g has the position (g, r), and a stream re
 (g, r) yields exactly what followed it (only group g is re-read to get there). Training
 streams come in micro-batches of up to MICRO_BATCH records of one group:
 {'record': string [m], 'group': int64 [m], 'offset': int64 [m]}.
+
+A stream may start at a global item `origin` (epoch, item of that epoch's permutation) instead
+of the beginning: process p then takes global items origin + p, origin + p + P, ... and groups
+count from there. `restart_positions` uses it when the number of processes changes
+(config.input.on_process_count_change='restart'): every process of the new run starts at the
+first item that some old process had not finished, so items are re-read, never skipped.
 """
 from __future__ import annotations
 
@@ -238,14 +244,14 @@ def _epoch_permutation(num_items: int, seed: int, source_index: int, epoch: int)
 
 
 def process_items(num_items: int, seed: int, source_index: int, process_index: int,
-                  process_count: int, first: int, count: int) -> np.ndarray:
+                  process_count: int, first: int, count: int, origin: int = 0) -> np.ndarray:
   """Item indices first..first+count-1 of this process's endless sequence.
 
   The global sequence is epoch 0's permutation of range(num_items), then epoch 1's, ...;
-  process p takes its elements p, p + P, p + 2P, ...
+  process p takes its elements origin + p, origin + p + P, origin + p + 2P, ...
   """
   j = np.arange(first, first + count, dtype=np.int64)
-  global_index = process_index + j * process_count
+  global_index = int(origin) + process_index + j * process_count
   epochs, within = np.divmod(global_index, num_items)
   out = np.empty(count, np.int64)
   for epoch in np.unique(epochs):
@@ -277,10 +283,41 @@ class Source:
 
   def train_records(self, *, seed: int, source_index: int, group: int, offset: int,
                     process_index: int, process_count: int, cycle_length: int,
-                    shuffle_buffer: int) -> tf.data.Dataset:
+                    shuffle_buffer: int, origin=(0, 0)) -> tf.data.Dataset:
     """This process's endless record stream from position (group, offset) on, in
-    micro-batches (see the module docstring). Deterministic for the same arguments."""
+    micro-batches (see the module docstring); groups count from the global item `origin`
+    (epoch, item). Deterministic for the same arguments."""
     raise NotImplementedError
+
+  # Sources with a global item sequence (shards, folder files) define these two.
+  num_items = 0
+  item_name = "item"
+
+  def _progress(self, group: int, offset: int, process_count: int,
+                cycle_length: int) -> tuple[int, int]:
+    """(items finished, items started) of a process at (group, offset), counted in its own
+    item sequence: items before the first are done, those up to the second were opened."""
+    raise NotImplementedError
+
+  def restart_positions(self, rows, origin, new_count: int, cycle_length: int):
+    """Where the processes of a run with `new_count` processes start so that nothing the old
+    run had not consumed is skipped, when `len(rows)` processes stood at `rows` int [old, 2]
+    (group, offset) counted from `origin` (epoch, item).
+
+    Returns (origin (epoch, item), rows int64 [new_count, 2], repeated): all new processes
+    start at the first global item some old process had not finished; `repeated` counts the
+    items from there on that an old process had already opened (read again, fully).
+    """
+    rows = np.asarray(rows, np.int64).reshape(-1, 2)
+    old, num = len(rows), self.num_items
+    base = int(origin[0]) * num + int(origin[1])
+    progress = [self._progress(int(g), int(r), old, cycle_length) for g, r in rows]
+    restart = min(base + p + done * old for p, (done, _) in enumerate(progress))
+    repeated = 0
+    for p, (_, started) in enumerate(progress):
+      first_after = max(0, -(-(restart - base - p) // old))  # p's first item at/after restart
+      repeated += max(0, started - first_after)
+    return (restart // num, restart % num), np.zeros((new_count, 2), np.int64), repeated
 
   def eval_records(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
     """This process's part of the records (packed strings), once, in a fixed order."""
@@ -441,15 +478,32 @@ class _ShardedSource(Source):
         raise ValueError(f"{where} have no {role} field {name!r}; fields there: {present} "
                          f"(set config.input.{role}_key, or ?{role}= in the spec)")
 
+  item_name = "shard"
+
+  @property
+  def num_items(self):
+    return len(self.paths)
+
+  @staticmethod
+  def _group_size(num, process_count, cycle_length):
+    return max(1, min(cycle_length, num // process_count))
+
+  def _progress(self, group, offset, process_count, cycle_length):
+    # Records of a group come shuffled from all its shards: the current group's shards are
+    # all opened (once a record of it was consumed) and none is known to be finished.
+    k = self._group_size(self.num_items, process_count, cycle_length)
+    return group * k, group * k + (k if offset > 0 else 0)
+
   def train_records(self, *, seed, source_index, group, offset, process_index, process_count,
-                    cycle_length, shuffle_buffer):
+                    cycle_length, shuffle_buffer, origin=(0, 0)):
     num = len(self.paths)
-    k = max(1, min(cycle_length, num // process_count))
+    k = self._group_size(num, process_count, cycle_length)
     paths = np.array(self.paths, dtype=object)
+    first_item = int(origin[0]) * num + int(origin[1])
 
     def group_paths(g):
       return paths[process_items(num, seed, source_index, process_index, process_count,
-                                 int(g) * k, k)].astype(bytes)
+                                 int(g) * k, k, first_item)].astype(bytes)
 
     def with_paths(g):
       shard_paths = tf.numpy_function(group_paths, [g], tf.string, stateful=False)
@@ -610,9 +664,22 @@ class TfdsSource(Source):
     return _tf_pack(_get(example, f.image), tf.cast(texts, tf.string),
                     tf.cast(long_texts, tf.string), label, tf.constant(self.name, tf.string))
 
+  def restart_positions(self, rows, origin, new_count, cycle_length):
+    """TFDS splits the data per process (tfds.even_splits), so there is no global item order:
+    every new process starts at the beginning of the least advanced old process's epoch
+    (position group). `repeated` counts the (process, epoch) passes an old process had begun
+    from there on."""
+    del cycle_length
+    rows = np.asarray(rows, np.int64).reshape(-1, 2)
+    first = int(rows[:, 0].min())
+    repeated = int(sum(g - first + (r > 0) for g, r in rows))
+    return tuple(origin), np.tile([[first, 0]], (new_count, 1)).astype(np.int64), repeated
+
+  item_name = "epoch pass"
+
   def train_records(self, *, seed, source_index, group, offset, process_index, process_count,
-                    cycle_length, shuffle_buffer):
-    del cycle_length  # TFDS interleaves its own files
+                    cycle_length, shuffle_buffer, origin=(0, 0)):
+    del cycle_length, origin  # TFDS interleaves its own files; restarts move the group only
     if not self.fields.text and self._captions is None:
       raise ValueError(f"{self.spec}: training needs captions: set config.input.text_key (or "
                        "?text=) to a text feature, or label_key to a ClassLabel feature")
@@ -702,15 +769,26 @@ class ImageFolderSource(Source):
     packed.set_shape([])
     return packed
 
+  item_name = "file"
+
+  @property
+  def num_items(self):
+    return len(self.files)
+
+  def _progress(self, group, offset, process_count, cycle_length):
+    del process_count, cycle_length  # files are read in order, one position each
+    return (group * _FOLDER_CHUNK + offset,) * 2
+
   def train_records(self, *, seed, source_index, group, offset, process_index, process_count,
-                    cycle_length, shuffle_buffer):
+                    cycle_length, shuffle_buffer, origin=(0, 0)):
     del cycle_length, shuffle_buffer  # every epoch is a full permutation of the files
     num = len(self.files)
     first_group, first_offset = int(group), int(offset)
+    first_item = int(origin[0]) * num + int(origin[1])
 
     def chunk(g):
       idx = process_items(num, seed, source_index, process_index, process_count,
-                          int(g) * _FOLDER_CHUNK, _FOLDER_CHUNK)
+                          int(g) * _FOLDER_CHUNK, _FOLDER_CHUNK, first_item)
       return self.files[idx].astype(bytes), self.labels[idx]
 
     def open_chunk(g):
