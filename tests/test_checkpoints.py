@@ -13,10 +13,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from superclip_jax import checkpoint, sharding, train, train_state
+from tests import cpu_devices
 from tests.test_input_pipeline import _good, _write_tar
 from tests.test_train import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = cpu_devices.REPO
 
 
 def _losses(workdir):
@@ -30,10 +31,7 @@ def _losses(workdir):
   return out
 
 
-def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu",
-              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+_env = cpu_devices.env
 
 
 def test_keeps_the_last_k_and_every_mth_and_resumes_from_the_latest(tmp_path):

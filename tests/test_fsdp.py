@@ -2,12 +2,9 @@
 
 Runs in a subprocess (XLA_FLAGS must be set before jax starts).
 """
-import os
-import subprocess
-import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -55,8 +52,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_fsdp_matches_single_device_and_shards_memory():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=900)
-  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
+  cpu_devices.run_script(SCRIPT, devices=8)

@@ -3,9 +3,6 @@
 The reference is always the unaccumulated step (accum_steps=1) on the same global batch, or a
 direct autodiff of the documented micro-batch computation.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,9 +12,8 @@ import optax
 import pytest
 
 from superclip_jax import config_lib, losses, sharding, train, train_state
+from tests import cpu_devices
 from tests.test_train import fixed_batch, tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(mode="superclip", contrastive="softmax", accum_steps=1, batch_size=16):
@@ -204,8 +200,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_fsdp_mesh_with_accumulation_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=900)
-  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
+  cpu_devices.run_script(SCRIPT, devices=8)

@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from tests import cpu_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/demo.py", "--config.model.variant=mu/8",
          "--config.model.image_size=32", "--config.input.batch_size=16",
@@ -23,9 +25,7 @@ def _losses(workdir):
   return [r["loss"] for r in recs if "loss" in r], [r for r in recs if "zeroshot/colour_top1" in r]
 
 
-def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu")
+_env = cpu_devices.env
 
 
 def test_two_processes_match_one_process(tmp_path):

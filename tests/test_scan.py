@@ -29,15 +29,6 @@ def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
                                atol=atol, err_msg="/".join(path))
 
 
-def assert_trees_equal(got, want):
-  got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
-  assert set(got) == set(want)
-  for path in want:
-    g, w = np.asarray(got[path]), np.asarray(want[path])
-    assert g.dtype == w.dtype and g.shape == w.shape, path
-    assert np.array_equal(g, w), "/".join(path)
-
-
 def model_loss(model, params, images, tokens):
   """A scalar touching every output (contrastive + class head), for gradient checks."""
   out = model.apply({"params": params}, images, None if model.mode == "superclass" else tokens)
@@ -82,8 +73,8 @@ def test_stack_unstack_round_trip_is_exact_and_matches_the_scanned_layout():
   assert stacked["visual"]["transformer"]["resblocks"]["attn"]["in_proj"]["kernel"].shape == (
       2, 64, 192)
   assert isinstance(stacked["text"]["transformer"]["resblocks"]["ln_1"]["scale"], np.ndarray)
-  assert_trees_equal(models.unstack_layers(stacked), params)
-  assert_trees_equal(models.stack_layers(models.unstack_layers(stacked)), stacked)
+  test_export.assert_params_equal(models.unstack_layers(stacked), params)
+  test_export.assert_params_equal(models.stack_layers(models.unstack_layers(stacked)), stacked)
   for i in range(2):  # layer i of the stack is block i
     np.testing.assert_array_equal(
         stacked["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"][i],
@@ -276,7 +267,7 @@ def test_import_into_scanned_is_the_unrolled_import_stacked(weights, fmt):
     state_dict = getattr(convert, f"to_{fmt}")(params, model)
   want = convert.from_layout(state_dict, model, fmt)
   got = convert.from_layout(state_dict, scanned(model), fmt)
-  assert_trees_equal(got, models.stack_layers(want))
+  test_export.assert_params_equal(got, models.stack_layers(want))
 
 
 def test_scanned_export_loads_in_openclip(weights, tmp_path):
@@ -296,7 +287,7 @@ def test_init_from_torch_into_scanned(weights, tmp_path):
   init = models.stack_layers(jax.tree.map(np.zeros_like, params))
   got = convert.load_torch_checkpoint(tmp_path / "superclip_model.safetensors", scanned(model),
                                       init)
-  assert_trees_equal(got, models.stack_layers(params))
+  test_export.assert_params_equal(got, models.stack_layers(params))
 
 
 def test_scanned_checkpoint_exports_and_serves(tmp_path):
