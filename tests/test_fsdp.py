@@ -52,4 +52,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_fsdp_matches_single_device_and_shards_memory():
-  cpu_devices.run_script(SCRIPT, devices=8)
+  assert "OK" in cpu_devices.run_script(SCRIPT, devices=8).stdout  # the script asserts
