@@ -3,6 +3,8 @@
   python bench/bench_head_cost.py                        # B/16, batch 32, 5 timed steps each
   python bench/bench_head_cost.py --batch=8,32,64        # several batch sizes, one table
   python bench/bench_head_cost.py --variant=mu/16 --batch=32 --steps=5   # a quick look
+  python bench/bench_head_cost.py --malloc=system        # glibc's default malloc (see below)
+  python bench/bench_head_cost.py --batch=64 --scan --remat=full   # larger batches fit in RAM
 
 For each batch size it reports:
   * forward FLOPs of SuperCLIP and CLIP from XLA's cost analysis of the compiled forward pass,
@@ -10,18 +12,30 @@ For each batch size it reports:
   * the same for the whole compiled train step (forward, backward and AdamW), and the step's
     temporary memory (`memory_analysis().temp_size_in_bytes`: what each step allocates anew);
   * the measured train-step time ratio SuperCLIP / CLIP on this machine: both steps are
-    compiled first, then timed in alternation (ABAB...) so that machine noise hits both, and
-    the medians are compared, in wall-clock time and in process CPU time (all threads; less
-    sensitive to other processes on a shared machine). Target: <= 1.01.
+    compiled first, then timed in alternation (ABBA...; `--first` picks which model is built
+    and allocated first) so that machine noise and order hit both alike, and the medians are
+    compared, in wall-clock time and in process CPU time (all threads; less sensitive to other
+    processes on a shared machine). Every step's time is printed too. Target: <= 1.01;
+  * the head's own work compiled alone (forward and backward from the pooled patch tokens,
+    targets, IDF, loss, gradient norm, AdamW on its parameters; median of 10) as a share of
+    the CLIP step: what the ratio would be if the costs simply add. On the 2-core VMs here
+    single B/16 steps vary by +-5-10%, so the full-step ratio from 5-8 steps moves by a few
+    percent between runs; this cross-check does not.
 
-What does not shrink with the batch is the head's 38M parameters (+25% at B/16): their
-gradient, AdamW update and fresh gradient buffer cost the same per step whatever the batch, so
-on a CPU the ratio falls as the batch grows; on accelerators per-chip batches are 64-256.
+The head's 38M parameters (+25% at B/16) cost the same AdamW update whatever the batch, so on a
+CPU the ratio falls as the batch grows; on accelerators per-chip batches are 64-256.
+
+`--malloc=tuned` (the default; the trainer's opt-in `SUPERCLIP_JAX_MALLOC=tuned`) runs with the
+glibc settings of `superclip_jax/host_malloc.py`, under which a step's temporaries are reused
+instead of being page-faulted in afresh every step; `--malloc=system` leaves glibc's defaults
+(each step then faults in its multi-GB temporaries, a third of the step on these VMs, and more
+for SuperCLIP, whose temporaries are larger). The page faults per step are reported either way.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -31,11 +45,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from superclip_jax import config_lib, sharding, train, train_state  # noqa: E402
+from superclip_jax import config_lib, host_malloc, sharding, train, train_state  # noqa: E402
 
 
-def make_config(mode: str, variant: str, batch: int):
+def make_config(mode: str, variant: str, batch: int, remat: str = "none", scan: bool = False):
   c = config_lib.base_config()
+  c.model.remat_policy = remat
+  c.model.scan_layers = scan
   c.model.mode = mode
   c.model.variant = variant
   c.model.image_size = 224
@@ -69,8 +85,9 @@ def forward_flops(factory, config, batch) -> float:
   return _flops(fwd.lower(factory.abstract.params, batch["image"], batch["tokens"]).compile())
 
 
-def prepare(mode: str, variant: str, batch_size: int) -> dict:
-  config = make_config(mode, variant, batch_size)
+def prepare(mode: str, variant: str, batch_size: int, remat: str = "none",
+            scan: bool = False) -> dict:
+  config = make_config(mode, variant, batch_size, remat, scan)
   mesh = sharding.make_mesh(config.mesh)
   factory = train_state.StateFactory(config, mesh)
   batch = jax.device_put(make_batch(config))
@@ -82,18 +99,60 @@ def prepare(mode: str, variant: str, batch_size: int) -> dict:
   jax.block_until_ready(metrics)
   return {"forward_flops": forward_flops(factory, config, batch), "step_flops": _flops(compiled),
           "temp_bytes": compiled.memory_analysis().temp_size_in_bytes, "step": compiled,
-          "state": state, "batch": batch, "wall": [], "cpu": []}
+          "state": state, "batch": batch, "wall": [], "cpu": [], "faults": []}
 
 
-def measure(variant: str, batch_size: int, steps: int) -> dict:
-  runs = {mode: prepare(mode, variant, batch_size) for mode in ("superclip", "clip")}
-  for _ in range(steps):  # alternate so both see the same machine noise
-    for run in runs.values():
+def head_alone_ms(superclip: dict, reps: int = 10) -> float:
+  """The head's own train-step work, compiled alone: its forward and backward from the pooled
+  patch tokens (with the gradient into them), multi-hot targets, IDF counts and weights, the
+  loss, and the gradient norm and AdamW update of its parameters. Median ms of `reps`: a
+  cross-check of the full steps' ratio with far less noise (100 ms, not 10 s, per sample)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from superclip_jax import losses, models  # pylint: disable=import-outside-toplevel
+  params = superclip["state"].params["class_head"]
+  width, vocab = params["dense"]["kernel"].shape
+  head = models.ClassHead(vocab)
+  tokens = superclip["batch"]["class_tokens"]
+  pooled = jax.random.normal(jax.random.PRNGKey(0), (tokens.shape[0], width))
+  tx = optax.adamw(1e-3, 0.9, 0.98, 1e-6, weight_decay=0.2)
+
+  def step(params, opt_state, counts, pooled, tokens):
+    targets = losses.multi_hot(tokens, vocab)
+    counts = counts + targets.sum(0)
+    idf = losses.idf_weights(counts, 1.0 + tokens.shape[0])
+    loss_fn = lambda p, x: losses.idf_class_loss(head.apply({"params": p}, x), targets, idf)
+    loss, (grads, d_pooled) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, pooled)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, counts, loss,
+            optax.tree.norm(grads), d_pooled)
+
+  params = jax.tree.map(jax.numpy.array, params)  # a copy: the run's state is donated later
+  args = [params, tx.init(params), jax.numpy.zeros((vocab,))]
+  fn = jax.jit(step, donate_argnums=(0, 1, 2))
+  times = []
+  for i in range(reps + 1):
+    start = time.perf_counter()
+    *args, loss, _, _ = fn(*args, pooled, tokens)
+    jax.block_until_ready(loss)
+    if i:  # the first call compiles
+      times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def measure(variant: str, batch_size: int, steps: int, remat: str = "none",
+            scan: bool = False, first: str = "superclip") -> dict:
+  modes = (first, ({"superclip", "clip"} - {first}).pop())
+  runs = {mode: prepare(mode, variant, batch_size, remat, scan) for mode in modes}
+  for i in range(steps):  # alternate, ABBA, so that both see the same machine noise and order
+    for mode in (modes if i % 2 == 0 else modes[::-1]):
+      run = runs[mode]
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       wall, cpu = time.perf_counter(), time.process_time()
       run["state"], metrics = run["step"](run["state"], run["batch"])
       jax.block_until_ready(metrics)
       run["wall"].append(time.perf_counter() - wall)
       run["cpu"].append(time.process_time() - cpu)
+      run["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
   return runs
 
 
@@ -102,14 +161,28 @@ def main():
   ap.add_argument("--variant", default="B/16")
   ap.add_argument("--batch", default="32", help="comma-separated batch sizes")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per mode and batch")
+  ap.add_argument("--remat", default="none", help="config.model.remat_policy, e.g. full")
+  ap.add_argument("--scan", action="store_true", help="config.model.scan_layers=True")
+  ap.add_argument("--first", choices=("superclip", "clip"), default="superclip",
+                  help="which model is built (and allocated) first")
+  ap.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
+                  help="glibc malloc: superclip_jax.host_malloc's settings, or glibc's defaults")
   args = ap.parse_args()
+  if args.malloc == "tuned":
+    if not host_malloc.active():
+      os.environ[host_malloc.OPT_IN] = "tuned"
+      host_malloc.reexec()
+  elif host_malloc.active():
+    sys.exit("--malloc=system, but GLIBC_TUNABLES holds host_malloc's settings: unset it")
 
   print(f"variant {args.variant}, {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-        f"{args.steps} timed steps each (medians), float32")
+        f"{args.steps} timed steps each (medians), float32, malloc "
+        f"{'tuned' if host_malloc.active() else 'system'}, remat {args.remat}, "
+        f"{'scanned' if args.scan else 'unrolled'} layers")
   print("batch | fwd GFLOPs sc / clip | head share fwd | step share | temp MB sc / clip | "
-        "step ms sc / clip | ratio wall | ratio cpu")
+        "step ms sc / clip | ratio wall | ratio cpu | page faults/step sc / clip")
   for batch_size in (int(b) for b in args.batch.split(",")):
-    runs = measure(args.variant, batch_size, args.steps)
+    runs = measure(args.variant, batch_size, args.steps, args.remat, args.scan, args.first)
     sc, cl = runs["superclip"], runs["clip"]
     ms = {k: 1e3 * statistics.median(r["wall"]) for k, r in runs.items()}
     cpu = {k: statistics.median(r["cpu"]) for k, r in runs.items()}
@@ -118,9 +191,16 @@ def main():
           f" | {100 * (sc['step_flops'] / cl['step_flops'] - 1):9.3f}%"
           f" | {sc['temp_bytes'] / 1e6:7.0f} / {cl['temp_bytes'] / 1e6:7.0f}"
           f" | {ms['superclip']:8.1f} / {ms['clip']:8.1f}"
-          f" | {ms['superclip'] / ms['clip']:10.3f} | {cpu['superclip'] / cpu['clip']:9.3f}",
+          f" | {ms['superclip'] / ms['clip']:10.3f} | {cpu['superclip'] / cpu['clip']:9.3f}"
+          f" | {statistics.median(sc['faults']):9.0f} / {statistics.median(cl['faults']):.0f}",
           flush=True)
+    head_ms = head_alone_ms(sc)
+    print(f"      head alone: {head_ms:.0f} ms a step = {100 * head_ms / ms['clip']:.2f}% of the "
+          f"CLIP step -> ratio {1 + head_ms / ms['clip']:.3f} if costs add", flush=True)
+    print("      step ms sc: " + " ".join(f"{1e3 * t:.0f}" for t in sc["wall"]) + "; clip: "
+          + " ".join(f"{1e3 * t:.0f}" for t in cl["wall"]), flush=True)
     del runs
+    host_malloc.release()  # the next batch size's blocks would not fit the freed ones
   print("target: ratio <= 1.01")
 
 

@@ -11,6 +11,10 @@ change the model. Results go to DIR/metrics.jsonl, TensorBoard and stdout as
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # SUPERCLIP_JAX_MALLOC=tuned: see host_malloc
+  from superclip_jax import host_malloc
+  host_malloc.reexec()
+
 import time
 
 from absl import app, flags, logging

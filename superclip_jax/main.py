@@ -1,8 +1,12 @@
 """Entry point: python -m superclip_jax.main --config=configs/demo.py --workdir=DIR"""
+if __name__ == "__main__":  # SUPERCLIP_JAX_MALLOC=tuned: see host_malloc
+  from superclip_jax import host_malloc
+  host_malloc.reexec()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import distributed, train
+from superclip_jax import distributed, host_malloc, train
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config); file.py:key=value",
                                 lock_config=True)
@@ -19,6 +23,8 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax is chatty at INFO; progress goes to stdout
     logging.set_verbosity(logging.WARNING)
+  if host_malloc.active():
+    logging.info("glibc malloc tuned for XLA:CPU (%s=tuned; docs/training.md)", host_malloc.OPT_IN)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -11,7 +11,7 @@ import optax
 from absl import logging
 
 from superclip_jax import checkpoint, config_lib, evaluators, losses, metrics_log, optim
-from superclip_jax import sharding, train_state
+from superclip_jax import host_malloc, sharding, train_state
 from superclip_jax.data import input_pipeline
 
 
@@ -253,6 +253,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
           results = evaluator.run(state.params)
           logger.write(step, {f"{name}/{k}": v for k, v in results.items()}
                        | {f"{name}/seconds": time.monotonic() - t0})
+          if host_malloc.active():  # its buffers would otherwise fragment the kept heap
+            host_malloc.release()
       if step % config.ckpt_steps == 0 or last or preemption.requested:
         _raise_if_nonfinite(jax.device_get(pending), step, config)
         ckpt.save(step, state)

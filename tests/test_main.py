@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from superclip_jax import checkpoint, train
+from superclip_jax import checkpoint, host_malloc, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.variant=mu/8", "--config.model.image_size=32",
@@ -16,10 +16,10 @@ TINY = ["--config.model.variant=mu/8", "--config.model.image_size=32",
         "--config.evals.zeroshot.num_examples=40", "--config.evals.zeroshot.batch_size=16"]
 
 
-def _run_main(workdir, *flags):
+def _run_main(workdir, *flags, env=None):
   cmd = [sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
          f"--workdir={workdir}", *TINY, *flags]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _records(workdir):
@@ -42,11 +42,15 @@ def test_demo_entry_point_runs_logs_evaluates_and_resumes(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   assert checkpoint.Checkpointer(wd, checkpoint.read_config(wd)).latest_step() == 4
 
-  # Same workdir, longer run: resumes at step 5 instead of starting over.
+  # Same workdir, longer run: resumes at step 5 instead of starting over. It also runs with
+  # the opt-in malloc settings (a restart of the process at start-up; docs/training.md).
+  tuned = host_malloc.supported()
+  env = dict(os.environ, **({host_malloc.OPT_IN: "tuned"} if tuned else {}))
   r = _run_main(wd, "--config.total_steps=6", "--config.ckpt_steps=2",
-                "--config.evals.zeroshot.every_steps=100")
+                "--config.evals.zeroshot.every_steps=100", "--verbosity=0", env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "step 6/6" in r.stdout and "step 2/6" not in r.stdout
+  assert ("glibc malloc tuned for XLA:CPU" in r.stderr) == tuned
 
 
 def test_a_typo_in_a_config_field_is_an_error_naming_it(tmp_path):
