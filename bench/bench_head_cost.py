@@ -4,7 +4,7 @@
   python bench/bench_head_cost.py --batch=8,32,64        # several batch sizes, one table
   python bench/bench_head_cost.py --variant=mu/16 --batch=32 --steps=5   # a quick look
   python bench/bench_head_cost.py --malloc=system        # glibc's default malloc (see below)
-  python bench/bench_head_cost.py --batch=64 --scan --remat=full   # larger batches fit in RAM
+  python bench/bench_head_cost.py --batch=64 --scan --remat=full   # less memory per example
 
 For each batch size it reports:
   * forward FLOPs of SuperCLIP and CLIP from XLA's cost analysis of the compiled forward pass,

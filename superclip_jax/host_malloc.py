@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 
-OPT_IN = "SUPERCLIP_JAX_MALLOC"  # =tuned: use TUNABLES; anything else: leave malloc alone
+OPT_IN = "SUPERCLIP_JAX_MALLOC"  # =tuned: use TUNABLES; =system (the default): glibc's own
 _DONE = "SUPERCLIP_JAX_MALLOC_SET"  # set in the re-executed process
 TUNABLES = ("glibc.malloc.arena_max=1"  # one arena: others cap at 64 MiB and mmap beyond
             ":glibc.malloc.mmap_threshold=17179869184"  # blocks up to 16 GiB from the heap
