@@ -22,6 +22,9 @@ For each batch size it reports:
     single B/16 steps vary by +-5-10%, so the full-step ratio from 5-8 steps moves by a few
     percent between runs; this cross-check does not.
 
+With `--scan` the FLOPs columns are not comparable: XLA's cost analysis counts a scanned
+(while-loop) body once, not once per layer.
+
 The head's 38M parameters (+25% at B/16) cost the same AdamW update whatever the batch, so on a
 CPU the ratio falls as the batch grows; on accelerators per-chip batches are 64-256.
 
