@@ -16,11 +16,20 @@ For each batch size it reports:
     and allocated first) so that machine noise and order hit both alike, and the medians are
     compared, in wall-clock time and in process CPU time (all threads; less sensitive to other
     processes on a shared machine). Every step's time is printed too. Target: <= 1.01;
+  * the same ratio taken step by step (SuperCLIP's step i over CLIP's step i, which ran next to
+    it), its median with a distribution-free 95% confidence interval (6+ steps), whether that
+    interval shows the target, and how many steps a +-0.5% interval would take at this spread;
   * the head's own work compiled alone (forward and backward from the pooled patch tokens,
     targets, IDF, loss, gradient norm, AdamW on its parameters; median of 10) as a share of
     the CLIP step: what the ratio would be if the costs simply add. On the 2-core VMs here
     single B/16 steps vary by +-5-10%, so the full-step ratio from 5-8 steps moves by a few
     percent between runs; this cross-check does not.
+
+First it measures the host's own speed noise (`--probe` seconds of a fixed loop; 0 skips):
+the rate of a loop that does the same work every time, in 0.25 s windows. Where that swings by
+tens of percent (the shared 2-core VMs this project runs on: 0.5-1.6x of the median from one
+second to the next, independently on each core), no number of steps that fits a session
+resolves 1%; run it on a quiet dedicated host or an accelerator.
 
 With `--scan` the FLOPs columns are not comparable: XLA's cost analysis counts a scanned
 (while-loop) body once, not once per layer.
@@ -37,6 +46,7 @@ for SuperCLIP, whose temporaries are larger). The page faults per step are repor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -142,6 +152,32 @@ def head_alone_ms(superclip: dict, reps: int = 10) -> float:
   return 1e3 * statistics.median(times)
 
 
+def median_ci(xs, level: float = 0.95):
+  """A distribution-free confidence interval for the median of `xs`: the order statistics
+  x_(k), x_(n+1-k) with P(Binomial(n, 1/2) < k) <= (1 - level) / 2. None below 6 samples."""
+  xs, n = sorted(xs), len(xs)
+  below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(Binomial < k)
+  k = 0
+  while below(k + 1) <= (1 - level) / 2:
+    k += 1
+  return (xs[k - 1], xs[n - k]) if k else None
+
+
+def host_speed(seconds: float = 20.0, window: float = 0.25) -> list[float]:
+  """This machine's own speed over time: a fixed pure-Python loop's rate in `window`-second
+  slices, relative to its median. On a quiet dedicated host these sit within a few percent of
+  1; on the shared VMs here they swing between ~0.5 and ~1.5 from one second to the next (no
+  PMU under virtualization to count cycles instead), which is what bounds the step ratio."""
+  rates = []
+  for _ in range(int(seconds / window)):
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < window:
+      n += 1
+    rates.append(n)
+  mid = statistics.median(rates)
+  return [r / mid for r in rates]
+
+
 def measure(variant: str, batch_size: int, steps: int, remat: str = "none",
             scan: bool = False, first: str = "superclip") -> dict:
   modes = (first, ({"superclip", "clip"} - {first}).pop())
@@ -168,6 +204,8 @@ def main():
   ap.add_argument("--scan", action="store_true", help="config.model.scan_layers=True")
   ap.add_argument("--first", choices=("superclip", "clip"), default="superclip",
                   help="which model is built (and allocated) first")
+  ap.add_argument("--probe", type=float, default=20.0,
+                  help="seconds of measuring the host's own speed noise first (0: skip)")
   ap.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
                   help="glibc malloc: superclip_jax.host_malloc's settings, or glibc's defaults")
   args = ap.parse_args()
@@ -182,6 +220,11 @@ def main():
         f"{args.steps} timed steps each (medians), float32, malloc "
         f"{'tuned' if host_malloc.active() else 'system'}, remat {args.remat}, "
         f"{'scanned' if args.scan else 'unrolled'} layers")
+  if args.probe:
+    speed = host_speed(args.probe)
+    q = np.quantile(speed, [0.05, 0.95])
+    print(f"host speed ({args.probe:.0f} s of a fixed loop, 0.25 s windows, / median): sd "
+          f"{100 * statistics.pstdev(speed):.1f}%, 5-95% range {q[0]:.2f}-{q[1]:.2f}", flush=True)
   print("batch | fwd GFLOPs sc / clip | head share fwd | step share | temp MB sc / clip | "
         "step ms sc / clip | ratio wall | ratio cpu | page faults/step sc / clip")
   for batch_size in (int(b) for b in args.batch.split(",")):
@@ -200,6 +243,18 @@ def main():
     head_ms = head_alone_ms(sc)
     print(f"      head alone: {head_ms:.0f} ms a step = {100 * head_ms / ms['clip']:.2f}% of the "
           f"CLIP step -> ratio {1 + head_ms / ms['clip']:.3f} if costs add", flush=True)
+    for unit in ("wall", "cpu"):  # step i of each mode ran next to each other: pair them
+      pairs = [a / b for a, b in zip(sc[unit], cl[unit])]
+      ci = median_ci(pairs)
+      verdict = ("not enough steps for an interval (6+)" if ci is None else
+                 f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]: target "
+                 + ("shown" if ci[1] <= 1.01 else "not shown"))
+      # How many pairs a +-0.5% interval would take at this spread (normal approximation of
+      # the median's standard error, 1.25 sd / sqrt(n)).
+      need = math.ceil((1.96 * 1.25 * statistics.stdev(pairs) / 0.005) ** 2) if len(pairs) > 1 else 0
+      print(f"      paired {unit:4s} ratio (median of {len(pairs)} side-by-side steps): "
+            f"{statistics.median(pairs):.3f}, {verdict}; +-0.5% would take ~{need} pairs",
+            flush=True)
     print("      step ms sc: " + " ".join(f"{1e3 * t:.0f}" for t in sc["wall"]) + "; clip: "
           + " ".join(f"{1e3 * t:.0f}" for t in cl["wall"]), flush=True)
     del runs

@@ -6,11 +6,14 @@
 #   launch/local_processes.sh 2 --config=configs/demo.py --workdir=/tmp/mp \
 #       --config.total_steps=20
 #
+# MODULE=superclip_jax.evaluate runs the evaluation command the same way (default:
+# superclip_jax.main).
+#
 # Process 0 writes logs and metrics; each process writes its own checkpoint shards.
 # Cloud TPU pods and SLURM need no launcher flags: jax.distributed configures itself there.
 set -euo pipefail
 if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 NUM_PROCESSES [superclip_jax.main flags...]" >&2
+  echo "usage: [MODULE=superclip_jax.evaluate] $0 NUM_PROCESSES [its flags...]" >&2
   exit 2
 fi
 n=$1; shift
@@ -18,7 +21,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = 0; i < n; i++)); do
-  python -m superclip_jax.main --coordinator_address="localhost:${port}" \
+  python -m "${MODULE:-superclip_jax.main}" --coordinator_address="localhost:${port}" \
     --num_processes="$n" --process_id="$i" "$@" &
   pids+=($!)
 done

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import logging
+from absl import flags, logging
 
 
 def _auto_cluster() -> str | None:
@@ -14,6 +14,20 @@ def _auto_cluster() -> str | None:
   if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host Cloud TPU slice
     return "Cloud TPU"
   return None
+
+
+def define_flags() -> None:
+  """--coordinator_address/--num_processes/--process_id, for the commands that join a job."""
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process "
+                      "runs outside Cloud TPU / SLURM, where this is automatic).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_from_flags() -> None:
+  """initialize() with the values of define_flags()'s flags."""
+  f = flags.FLAGS
+  initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

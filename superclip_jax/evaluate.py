@@ -3,6 +3,11 @@
   python -m superclip_jax.evaluate --workdir=DIR                     # the run's own evals
   python -m superclip_jax.evaluate --config=configs/b16.py --workdir=DIR --step=20000
   python -m superclip_jax.evaluate --workdir=DIR --evals=zeroshot_imagenet
+  MODULE=superclip_jax.evaluate launch/local_processes.sh 2 --workdir=DIR   # 2 processes
+
+On a multi-host Cloud TPU slice or SLURM job, run it on every host, as training runs: the
+processes join through jax.distributed (automatic there; elsewhere the same
+--coordinator_address/--num_processes/--process_id flags as training) and share the work.
 
 The model comes from the workdir (its config.json and checkpoint, the latest unless --step);
 `--config` (default: the workdir's config) supplies `evals`, `mesh` and nothing that would
@@ -20,7 +25,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import checkpoint, evaluators, metrics_log, models, sharding
+from superclip_jax import checkpoint, distributed, evaluators, metrics_log, models, sharding
 
 # Model fields that may differ between the training config and the eval config.
 _FREE_MODEL_FIELDS = ("dtype", "remat_policy", "patch_dropout")
@@ -67,6 +72,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize_from_flags()  # a pod's hosts evaluate together, as in training
   evaluate(flags.FLAGS.workdir, flags.FLAGS.config, flags.FLAGS.step, flags.FLAGS.evals)
 
 
@@ -77,6 +83,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "The run's directory (config.json + checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_list("evals", None, "Run only these entries of config.evals.")
+  distributed.define_flags()
   flags.mark_flags_as_required(["workdir"])
 
 

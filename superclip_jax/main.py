@@ -11,10 +11,7 @@ from superclip_jax import distributed, host_malloc, train
 config_flags.DEFINE_config_file("config", None, "Config file (get_config); file.py:key=value",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config of the run.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs "
-                    "outside Cloud TPU / SLURM, where this is automatic).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -25,7 +22,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if host_malloc.active():
     logging.info("glibc malloc tuned for XLA:CPU (%s=tuned; docs/training.md)", host_malloc.OPT_IN)
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize_from_flags()
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

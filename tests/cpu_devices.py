@@ -2,15 +2,30 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One persistent JAX compilation cache per pytest worker, for the trainer subprocesses: each
+# `superclip_jax.main`/`evaluate` process would otherwise compile the same small programs again
+# (half of such a process's time). Not for scripts that read compiled HLO or memory: a cache hit
+# deserialises the executable, and its HLO text differs.
+JAX_CACHE = os.path.join(tempfile.gettempdir(), "superclip_jax_tests_jax_cache",
+                         os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 
-def env(devices: int) -> dict:
-  """This environment with `devices` CPU devices per process and the repo importable."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu",
-              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+def compile_cache(environ: dict) -> dict:
+  """`environ` with the tests' persistent compilation cache (JAX reads these at import)."""
+  return dict(environ, JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def env(devices: int, cached: bool = False) -> dict:
+  """This environment with `devices` CPU devices per process and the repo importable (and,
+  if `cached`, the compilation cache above)."""
+  out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+  return compile_cache(out) if cached else out
 
 
 def run_script(script: str, devices: int = 8, args=(), timeout: int = 900):

@@ -199,8 +199,8 @@ def test_demo_run_resumes_exactly_with_another_process_count(tmp_path):
     cmd = (["bash", "launch/local_processes.sh", str(processes), *flags] if processes > 1 else
            [sys.executable, "-m", "superclip_jax.main", *flags])
     t0 = time.monotonic()
-    r = subprocess.run(cmd, cwd=REPO, env=_env(8 // processes), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(cmd, cwd=REPO, env=_env(8 // processes, cached=True), capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"{processes} process(es), {total_steps} steps: {time.monotonic() - t0:.0f} s")
     return r

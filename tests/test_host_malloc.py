@@ -1,6 +1,5 @@
 """host_malloc: when it re-executes, and that its glibc settings stop repeated page faults."""
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -9,13 +8,12 @@ import pytest
 
 from superclip_jax import host_malloc
 
-glibc_linux = pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables")
+glibc_linux = pytest.mark.skipif(not host_malloc.supported(), reason="glibc tunables")
 
 
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_IN, "SUPERCLIP_JAX_MALLOC_SET")}
+         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_IN, host_malloc._DONE)}
   env.update(extra)
   return env
 

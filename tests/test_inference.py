@@ -12,6 +12,7 @@ from PIL import Image
 
 from superclip_jax import checkpoint, evaluate, inference, predict, sharding, tokenizer
 from superclip_jax import train_state
+from tests import cpu_devices
 from tests.test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +178,7 @@ def test_command_lines_run(run, tmp_path):
   workdir = run[0]
   path = str(tmp_path / "img.jpg")
   Image.fromarray(np.full((30, 40, 3), 128, np.uint8)).save(path)
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  env = cpu_devices.compile_cache({**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   commands = [
       [sys.executable, "-m", "superclip_jax.predict", f"--workdir={workdir}", f"--image={path}",
        "--labels=a cat,a dog", "--top_k=3"],

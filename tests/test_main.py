@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from superclip_jax import checkpoint, host_malloc, train
+from tests import cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.variant=mu/8", "--config.model.image_size=32",
@@ -19,7 +20,8 @@ TINY = ["--config.model.variant=mu/8", "--config.model.image_size=32",
 def _run_main(workdir, *flags, env=None):
   cmd = [sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
          f"--workdir={workdir}", *TINY, *flags]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=cpu_devices.compile_cache(os.environ if env is None else env))
 
 
 def _records(workdir):
@@ -92,7 +94,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
          f"--workdir={wd}", *TINY, "--config.total_steps=100000", "--config.ckpt_steps=100000",
          "--config.evals.zeroshot.every_steps=100000"]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, env=cpu_devices.compile_cache(os.environ))
   deadline = time.time() + 300
   for line in proc.stdout:  # wait until training is under way
     if line.startswith("step ") or time.time() > deadline:

@@ -12,12 +12,16 @@ import jax
 import numpy as np
 
 from superclip_jax import checkpoint
+from tests import cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config.model.variant=mu/8", "--config.model.image_size=32",
          "--config.input.batch_size=8", "--config.log_training_steps=1", "--config.ckpt_steps=2",
          "--config.total_steps=10", "--config.evals.zeroshot.num_examples=16",
          "--config.evals.zeroshot.batch_size=8", "--config.evals.zeroshot.every_steps=4"]
+
+
+ENV = cpu_devices.compile_cache(os.environ)
 
 
 def _cmd(workdir):
@@ -38,14 +42,15 @@ def _last_record_per_step(workdir):
 
 def test_sigkill_at_random_moments_then_restart_is_exact(tmp_path):
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-  r = subprocess.run(_cmd(ref), cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(_cmd(ref), cwd=REPO, capture_output=True, text=True, timeout=600,
+                     env=ENV)
   assert r.returncode == 0, r.stderr[-3000:]
 
   rng = random.Random(0)
   kills = 0
   for _ in range(4):
     proc = subprocess.Popen(_cmd(killed), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, env=ENV)
     # Let it reach training (compile done), then kill somewhere in the next second or so:
     # mid-step, mid-checkpoint write or mid-evaluation.
     for line in proc.stdout:
@@ -59,7 +64,8 @@ def test_sigkill_at_random_moments_then_restart_is_exact(tmp_path):
     if proc.returncode == 0:
       break
   else:
-    r = subprocess.run(_cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
   assert kills >= 1
 
