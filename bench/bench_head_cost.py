@@ -251,7 +251,8 @@ def main():
                  + ("shown" if ci[1] <= 1.01 else "not shown"))
       # How many pairs a +-0.5% interval would take at this spread (normal approximation of
       # the median's standard error, 1.25 sd / sqrt(n)).
-      need = math.ceil((1.96 * 1.25 * statistics.stdev(pairs) / 0.005) ** 2) if len(pairs) > 1 else 0
+      spread = statistics.stdev(pairs) if len(pairs) > 1 else 0.0
+      need = math.ceil((1.96 * 1.25 * spread / 0.005) ** 2)
       print(f"      paired {unit:4s} ratio (median of {len(pairs)} side-by-side steps): "
             f"{statistics.median(pairs):.3f}, {verdict}; +-0.5% would take ~{need} pairs",
             flush=True)

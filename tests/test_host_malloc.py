@@ -51,7 +51,8 @@ def _run(script, *args, **env):
 @glibc_linux
 def test_reexec_restarts_once_with_the_same_command_line():
   out = _run(_REEXEC, "a", "--b=1", **{host_malloc.OPT_IN: "tuned"})
-  assert out.stdout.splitlines() == ["start", "start", f"True ['a', '--b=1'] {host_malloc.TUNABLES}"]
+  assert out.stdout.splitlines() == ["start", "start",
+                                     f"True ['a', '--b=1'] {host_malloc.TUNABLES}"]
   out = _run(_REEXEC)
   assert out.stdout.splitlines() == ["start", "False [] None"]
   out = _run(_REEXEC, **{host_malloc.OPT_IN: "fast"})
