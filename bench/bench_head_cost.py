@@ -254,7 +254,7 @@ def main():
     wall_ratio, cpu_ratio = ms["superclip"] / ms["clip"], cpu["superclip"] / cpu["clip"]
     print(f"{batch_size:5d} | {sc['forward_flops'] / 1e9:9.3f} / {cl['forward_flops'] / 1e9:9.3f}"
           f" | {100 * (sc['forward_flops'] / cl['forward_flops'] - 1):13.3f}%"
-          + (" |    (scan)" if args.scan else
+          + (" |    (scan)" if sc["step_flops"] is None else
              f" | {100 * (sc['step_flops'] / cl['step_flops'] - 1):9.3f}%")
           + f" | {sc['temp_bytes'] / 1e6:7.0f} / {cl['temp_bytes'] / 1e6:7.0f}"
           f" | {ms['superclip']:8.1f} / {ms['clip']:8.1f}"
