@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from superclip_jax import config_lib, sharding, train, train_state
+from superclip_jax import config_lib, sharding, train_state, train_step
 
 
 def make_config(variant: str, batch: int, scan_layers: bool, remat_policy: str):
@@ -40,7 +40,7 @@ def time_compile(config) -> tuple[float, float]:
   batch = {"image": jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), jnp.float32),
            "tokens": jax.ShapeDtypeStruct((b, m.context_length), jnp.int32),
            "class_tokens": jax.ShapeDtypeStruct((b, m.context_length), jnp.int32)}
-  step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule),
+  step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule),
                  donate_argnums=0)
   t0 = time.perf_counter()
   lowered = step.lower(factory.abstract, batch)

@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from superclip_jax import config_lib, host_malloc, models, sharding, train  # noqa: E402
+from superclip_jax import config_lib, host_malloc, models, sharding, train_step  # noqa: E402
 from superclip_jax import train_state  # noqa: E402
 
 
@@ -116,7 +116,7 @@ def prepare(mode: str, variant: str, batch_size: int, remat: str = "none",
   factory = train_state.StateFactory(config, mesh)
   batch = jax.device_put(make_batch(config))
   state = factory.create()
-  step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule),
+  step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule),
                  donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   state, metrics = compiled(state, batch)  # warm-up

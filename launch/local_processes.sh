@@ -7,7 +7,7 @@
 #       --config.total_steps=20
 #
 # MODULE=superclip_jax.evaluate runs the evaluation command the same way (default:
-# superclip_jax.main).
+# superclip_jax.main); PYTHON=/path/to/python picks the interpreter (default: python on PATH).
 #
 # Process 0 writes logs and metrics; each process writes its own checkpoint shards.
 # Cloud TPU pods and SLURM need no launcher flags: jax.distributed configures itself there.
@@ -21,7 +21,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = 0; i < n; i++)); do
-  python -m "${MODULE:-superclip_jax.main}" --coordinator_address="localhost:${port}" \
+  "${PYTHON:-python}" -m "${MODULE:-superclip_jax.main}" --coordinator_address="localhost:${port}" \
     --num_processes="$n" --process_id="$i" "$@" &
   pids+=($!)
 done

@@ -69,7 +69,7 @@ class Checkpointer:
 
     Any mesh or device count may have written the checkpoint: each array is read straight
     into the target's shards. The data-position table comes back with the shape it was saved
-    with ([processes that wrote it, sources, 2]; `input_pipeline.resume_position` maps it to
+    with ([processes that wrote it, sources, 2]; `position.resume_position` maps it to
     this run), and a state field newer than the checkpoint (`data_origin`) starts at zeros.
     """
     step = self.latest_step() if step is None else step

@@ -11,8 +11,8 @@ import math
 
 import ml_collections
 
-from superclip_jax import models
-from superclip_jax.models import MODES
+from superclip_jax import attention, models
+from superclip_jax.models import MODES, has_head
 
 # Official SuperCLIP weight-decay exemptions: names containing ln / bn / bias / logit_scale
 # (tensors with ndim < 2 are exempt regardless, see optim.weight_decay_mask).
@@ -59,8 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.frozen = ()  # regexes of parameter names kept fixed (e.g. LiT: ('visual/.*',))
   c.grad_clip_norm = 0.0  # 0 = off
   # Micro-batches per global batch (input.batch_size): gradient accumulation that keeps every
-  # negative in the contrastive loss (train.make_train_step; docs/training.md).
+  # negative in the contrastive loss (superclip_jax/gradient_accumulation.py; docs/training.md).
   c.accum_steps = 1
+  # (first, last) step to trace with jax.profiler into WORKDIR/profile (TensorBoard, Perfetto).
+  c.profile_steps = ()
   c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-6))
   c.schedule = ml_collections.ConfigDict(dict(warmup_steps=500, decay_type="cosine"))
 
@@ -78,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="bfloat16",  # compute dtype; parameters are float32
       remat_policy="none",  # 'none' | 'full' | a jax.checkpoint_policies name
       scan_layers=False,  # one nn.scan over each tower's blocks: faster compiles, stacked params
+      attention="auto",  # 'auto' | 'xla' | 'jax' | 'cudnn' (superclip_jax/attention.py)
   ))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive="softmax",  # 'softmax' (CLIP) | 'sigmoid' (SigLIP)
@@ -147,14 +150,14 @@ def validate(config) -> None:
   if config.loss.contrastive == "sigmoid" and m.get("logit_bias") is None:
     raise ValueError("config.loss.contrastive='sigmoid' needs config.model.logit_bias "
                      "(e.g. -10.0, OpenCLIP's SigLIP init)")
-  if m.mode == "clip" and config.loss.class_weight and config.loss.class_weight != 1.0:
+  if not has_head(m.mode) and config.loss.class_weight and config.loss.class_weight != 1.0:
     raise ValueError("config.model.mode='clip' has no class head, so loss.class_weight is "
                      "unused; leave it at 1.0 or use mode='superclip'")
   for name in ("total_steps", "log_training_steps", "ckpt_steps"):
     if int(config[name]) <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
-  from superclip_jax.data import input_pipeline  # TF import only when validating a run
-  input_pipeline.mixture(config.input.data)  # a malformed data spec fails here, named
+  from superclip_jax.data import position, spec  # data imports only when validating a run
+  spec.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:
     raise ValueError(f"config.input.batch_size must be positive, got {config.input.batch_size}")
   accum = config.get("accum_steps", 1)
@@ -165,9 +168,14 @@ def validate(config) -> None:
                      f"config.accum_steps={accum} (the global batch is split into that many "
                      "micro-batches); change one of them")
   policy = config.input.get("on_process_count_change", "error")
-  if policy not in input_pipeline.PROCESS_COUNT_POLICIES:
+  if policy not in position.PROCESS_COUNT_POLICIES:
     raise ValueError(f"config.input.on_process_count_change={policy!r}: use one of "
-                     f"{input_pipeline.PROCESS_COUNT_POLICIES}")
+                     f"{position.PROCESS_COUNT_POLICIES}")
+  profile = tuple(config.get("profile_steps", ()))
+  if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile)
+                  or not 0 < profile[0] <= profile[1]):
+    raise ValueError(f"config.profile_steps={profile!r}: use (first, last) steps with "
+                     "0 < first <= last, e.g. (10, 15), or () for no trace")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
   if not 0.0 <= m.patch_dropout < 1.0:
@@ -177,3 +185,7 @@ def validate(config) -> None:
     raise ValueError(f"config.model.scan_layers={m.scan_layers!r}: use True or False")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+  size, _ = models.parse_variant(m.variant)
+  for tower in (models.VIT_SIZES[size], models.TEXT_SIZES.get(m.get("text_size") or size)):
+    if tower is not None:  # 'cudnn' where it cannot run is an error saying why
+      attention.resolve(m.get("attention", "auto"), m.dtype, tower.width // tower.heads)

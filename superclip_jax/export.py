@@ -9,8 +9,8 @@
   --format=hf
     a transformers CLIPModel / CLIPTokenizer directory; the head in superclip_head.safetensors.
 
-The renaming itself is `convert.py`; this file only writes files. safetensors files need no
-torch; the `.bin` copies are written when torch is installed.
+The renaming itself is `convert.py`, the configs `torch_configs.py`; this file only writes
+files. safetensors files need no torch; the `.bin` copies are written when torch is installed.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ import numpy as np
 from superclip_jax import convert
 from superclip_jax import models
 from superclip_jax import tokenizer
+from superclip_jax import torch_configs
+from superclip_jax import torch_io
 
 FORMATS = ("openclip", "superclip", "hf")
-
 
 
 def write_export(params, model: models.SuperCLIP, fmt: str, out_dir, idf: Optional[dict] = None,
@@ -71,21 +72,21 @@ def export_files(params, model, fmt: str, idf=None, batch_size=None) -> dict:
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: use one of {FORMATS}")
   if fmt == "openclip":
-    config = {"model_cfg": convert.openclip_model_cfg(model),
-              "preprocess_cfg": convert.preprocess_cfg(model)}
+    config = {"model_cfg": torch_configs.openclip_model_cfg(model),
+              "preprocess_cfg": torch_configs.preprocess_cfg(model)}
     return {"open_clip_config.json": _json(config),
             **_weights("open_clip_model", convert.to_openclip(params, model),
                        "open_clip_pytorch_model")}
   if fmt == "superclip":
-    name = f"SuperCLIP-{convert.openclip_model_name(model)}.json"
-    return {name: _json(convert.superclip_model_cfg(model)),
+    name = f"SuperCLIP-{torch_configs.openclip_model_name(model)}.json"
+    return {name: _json(torch_configs.superclip_model_cfg(model)),
             **_weights("superclip_model",
                        convert.to_superclip(params, model, idf, batch_size), "superclip_model")}
   state_dict, config = convert.to_hf(params, model)
   files = {"config.json": _json(config), **_weights("model", state_dict),
            **_hf_preprocessing_files(model)}
-  if model.mode != "clip":
-    files[convert.HF_HEAD_FILE] = _contiguous(convert.head_state_dict(params, model))
+  if model.has_head:
+    files[torch_io.HF_HEAD_FILE] = _contiguous(convert.head_state_dict(params, model))
   return files
 
 
@@ -102,7 +103,7 @@ def _weights(name: str, state_dict, bin_name: Optional[str] = None) -> dict:
   files = {f"{name}.safetensors": _contiguous(state_dict)}
   if bin_name:
     try:
-      import torch  # pylint: disable=g-import-not-at-top,unused-import
+      import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
       files[f"{bin_name}.bin"] = files[f"{name}.safetensors"]
     except ImportError:
       logging.warning("torch is not installed: no %s.bin (the .safetensors has the same "
@@ -135,10 +136,10 @@ def _hf_preprocessing_files(model) -> dict:
            "size": {"shortest_edge": size}, "resample": 3,  # bicubic
            "do_center_crop": True, "crop_size": {"height": size, "width": size},
            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-           "image_mean": list(convert.IMAGE_MEAN), "image_std": list(convert.IMAGE_STD),
+           "image_mean": list(torch_configs.IMAGE_MEAN), "image_std": list(torch_configs.IMAGE_STD),
            "do_convert_rgb": True}
   files = {"preprocessor_config.json": _json(image)}
-  if model.mode == "superclass":
+  if not model.has_text:
     return files
   if model.vocab_size != tokenizer.VOCAB_SIZE:
     logging.warning("vocab_size %d is not our tokenizer's: no tokenizer files written",

@@ -101,7 +101,7 @@ class Model:
 
   def encode_text(self, token_ids, normalize: bool = True) -> np.ndarray:
     """int32 [B, context_length] token ids (see `tokenize`) -> [B, embed]."""
-    if self.mode == "superclass":
+    if not self.module.has_text:
       raise ValueError("this model has no text tower (model.mode='superclass')")
     tokens = np.asarray(token_ids)
     if tokens.ndim != 2 or tokens.shape[1] != self.context_length or \
@@ -113,7 +113,7 @@ class Model:
 
   def class_logits(self, images) -> np.ndarray:
     """float32 [B, H, W, 3] images -> the class head's logits [B, vocab]."""
-    if self.mode == "clip":
+    if not self.module.has_head:
       raise ValueError("this model has no class head (model.mode='clip'); train with "
                        "model.mode='superclip' or 'superclass' for tags")
     return self._batched(lambda x: self._class_logits(self.params, x),

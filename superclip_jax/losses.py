@@ -1,16 +1,38 @@
 """Losses: contrastive (softmax CLIP, sigmoid SigLIP) and SuperCLIP's IDF-weighted class loss.
 
 All are pure functions of global-batch arrays; under `jax.jit` with sharded inputs XLA inserts
-the collectives. Inputs may be bfloat16; every reduction is done in float32.
+the collectives. Inputs may be bfloat16; every reduction is done in float32. Each contrastive
+formula is written once, over a block of rows (`softmax_rows`, `sigmoid_rows`): the global
+loss is the block of all rows, the shard-local loss sums each device's block. The running IDF
+counts are state, in `counts`.
 """
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-_TWO32 = 4294967296.0
+
+def softmax_rows(img_logits, txt_logits, labels, global_batch: int):
+  """The CLIP softmax loss's share from some rows of the [batch, batch] logits.
+
+  img_logits [rows, batch] (these images against every text), txt_logits [rows, batch] (these
+  texts against every image), labels [rows]: the column of each row's pair. The shares of all
+  rows add up to the mean of the image->text and text->image cross-entropies.
+  """
+  i2t = -jnp.take_along_axis(jax.nn.log_softmax(img_logits, axis=1), labels[:, None], 1)
+  t2i = -jnp.take_along_axis(jax.nn.log_softmax(txt_logits, axis=1), labels[:, None], 1)
+  return 0.5 * (jnp.sum(i2t) + jnp.sum(t2i)) / global_batch
+
+
+def sigmoid_rows(logits, labels, global_batch: int):
+  """The SigLIP loss's share from some rows: logits [rows, batch] (bias included), labels
+  [rows] the column of each row's pair (+1 there, -1 elsewhere); -sum(log sigmoid) / batch."""
+  signs = jnp.where(labels[:, None] == jnp.arange(logits.shape[1])[None, :], 1.0, -1.0)
+  return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / global_batch
+
+
+def _similarity(a, b, scale):
+  return scale * jnp.einsum("id,td->it", a, b, preferred_element_type=jnp.float32)
 
 
 def clip_softmax_loss(zimg, ztxt, logit_scale):
@@ -20,12 +42,8 @@ def clip_softmax_loss(zimg, ztxt, logit_scale):
   (already exponentiated). Returns the mean of the image->text and text->image
   cross-entropies (a scalar).
   """
-  logits = logit_scale * jnp.einsum("id,td->it", zimg, ztxt,
-                                    preferred_element_type=jnp.float32)
-  labels = jnp.arange(logits.shape[0])
-  img_to_txt = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-  txt_to_img = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
-  return 0.5 * (jnp.mean(img_to_txt) + jnp.mean(txt_to_img))
+  logits = _similarity(zimg, ztxt, logit_scale)
+  return softmax_rows(logits, logits.T, jnp.arange(logits.shape[0]), logits.shape[0])
 
 
 def siglip_loss(zimg, ztxt, logit_scale, logit_bias):
@@ -34,10 +52,8 @@ def siglip_loss(zimg, ztxt, logit_scale, logit_bias):
   logits = logit_scale * zimg @ ztxt.T + logit_bias; label +1 on the diagonal, -1 elsewhere;
   returns -sum(log sigmoid(label * logits)) / batch.
   """
-  logits = logit_scale * jnp.einsum("id,td->it", zimg, ztxt,
-                                    preferred_element_type=jnp.float32) + logit_bias
-  labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
-  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+  logits = _similarity(zimg, ztxt, logit_scale) + logit_bias
+  return sigmoid_rows(logits, jnp.arange(logits.shape[0]), logits.shape[0])
 
 
 def multi_hot(tokens, vocab_size: int = 49408):
@@ -76,64 +92,6 @@ def idf_class_loss(class_logits, targets, idf):
   return -jnp.mean(jnp.sum(t * logp, axis=-1))
 
 
-@flax.struct.dataclass
-class ExactCount:
-  """Non-negative integer counters exact to 2**64 without jax_enable_x64.
-
-  Each count is two uint32 words (value = hi * 2**32 + lo); `add` carries exactly. float32
-  counters stop being exact at 2**24 and int32 overflows at 2**31, while SuperCLIP's largest
-  run sees 12.8e9 captions.
-  """
-  lo: jax.Array
-  hi: jax.Array
-
-  @classmethod
-  def zeros(cls, shape=()):
-    return cls(jnp.zeros(shape, jnp.uint32), jnp.zeros(shape, jnp.uint32))
-
-  def add(self, increment) -> "ExactCount":
-    """increment: non-negative integers < 2**32 (int or float holding an integer)."""
-    inc = jnp.asarray(increment).astype(jnp.uint32)
-    lo = self.lo + inc  # wraps modulo 2**32
-    carry = (lo < self.lo).astype(jnp.uint32)
-    return ExactCount(lo, self.hi + carry)
-
-  def value(self):
-    """The exact count(s) on the host: a Python int, or an object array of ints."""
-    hi, lo = jax.device_get((self.hi, self.lo))
-    if hi.ndim == 0:
-      return (int(hi) << 32) | int(lo)
-    return np.array([(int(h) << 32) | int(l) for h, l in zip(hi.ravel(), lo.ravel())],
-                    dtype=object).reshape(hi.shape)
-
-  def to_float(self):
-    """float32 approximation (relative error <= 2**-24)."""
-    return self.hi.astype(jnp.float32) * _TWO32 + self.lo.astype(jnp.float32)
-
-
-@flax.struct.dataclass
-class IdfCounts:
-  """Running document frequencies of every token over all captions seen so far."""
-  doc_freq: ExactCount  # [vocab]
-  num_docs: ExactCount  # []
-
-  @classmethod
-  def zeros(cls, vocab_size: int):
-    return cls(ExactCount.zeros((vocab_size,)), ExactCount.zeros(()))
-
-  def update(self, targets) -> "IdfCounts":
-    """Adds a global batch of multi-hot targets [batch, vocab]."""
-    # Documents per token, as a matrix-vector product: XLA:CPU runs a column sum over
-    # [batch, vocab] ~15x slower. 0/1 terms, float32 sums: exact below 2**24 captions per batch.
-    targets = targets.astype(jnp.float32)
-    per_token = jnp.dot(jnp.ones((targets.shape[0],), jnp.float32), targets,
-                        precision=jax.lax.Precision.HIGHEST)
-    return IdfCounts(self.doc_freq.add(per_token), self.num_docs.add(targets.shape[0]))
-
-  def weights(self):
-    return idf_weights(self.doc_freq.to_float(), self.num_docs.to_float())
-
-
 def contrastive_loss(kind: str, out):
   """Dispatch on config.loss.contrastive: 'softmax' (CLIP) or 'sigmoid' (SigLIP)."""
   if kind == "softmax":
@@ -160,21 +118,13 @@ def sharded_contrastive_loss(kind: str, out, mesh, batch_axes=("data", "fsdp")):
   def local(zimg, ztxt, scale, bias):
     all_img = jax.lax.all_gather(zimg, axes, axis=0, tiled=True)
     all_txt = jax.lax.all_gather(ztxt, axes, axis=0, tiled=True)
-    n_local = zimg.shape[0]
-    offset = jax.lax.axis_index(axes) * n_local
-    labels = offset + jnp.arange(n_local)
-    img_logits = scale * jnp.einsum("id,td->it", zimg, all_txt,
-                                    preferred_element_type=jnp.float32)
+    labels = jax.lax.axis_index(axes) * zimg.shape[0] + jnp.arange(zimg.shape[0])
+    img_logits = _similarity(zimg, all_txt, scale)
     if kind == "softmax":
-      txt_logits = scale * jnp.einsum("td,id->ti", ztxt, all_img,
-                                      preferred_element_type=jnp.float32)
-      i2t = -jnp.take_along_axis(jax.nn.log_softmax(img_logits, axis=1), labels[:, None], 1)
-      t2i = -jnp.take_along_axis(jax.nn.log_softmax(txt_logits, axis=1), labels[:, None], 1)
-      partial = 0.5 * (jnp.sum(i2t) + jnp.sum(t2i)) / global_batch
+      partial = softmax_rows(img_logits, _similarity(ztxt, all_img, scale), labels,
+                             global_batch)
     else:
-      logits = img_logits + bias
-      signs = jnp.where(labels[:, None] == jnp.arange(global_batch)[None, :], 1.0, -1.0)
-      partial = -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / global_batch
+      partial = sigmoid_rows(img_logits + bias, labels, global_batch)
     return jax.lax.psum(partial, axes)
 
   if kind not in ("softmax", "sigmoid"):

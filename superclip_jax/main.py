@@ -1,5 +1,8 @@
 """Entry point: python -m superclip_jax.main --config=configs/demo.py --workdir=DIR"""
-if __name__ == "__main__":  # SUPERCLIP_JAX_MALLOC=tuned: see host_malloc
+# SUPERCLIP_JAX_MALLOC=tuned: glibc reads its malloc settings only when a process starts, so
+# reexec() replaces this process with a fresh one that has them. It runs before the imports
+# below so that JAX and TensorFlow are loaded once, in the process that keeps running.
+if __name__ == "__main__":
   from superclip_jax import host_malloc
   host_malloc.reexec()
 

@@ -10,6 +10,11 @@ import time
 import jax
 
 
+# In metrics.jsonl and TensorBoard, left off the stdout line.
+_FILE_ONLY = ("step_time", "img_per_sec_per_device", "tflops_per_device", "compile_seconds",
+              "flops_per_step", "peak_tflops_per_device", "peak_memory_bytes")
+
+
 class MetricLogger:
   """write(step, metrics) logs one record; `progress` adds img/s and ETA to training lines."""
 
@@ -58,7 +63,11 @@ class MetricLogger:
         parts.append(f"ETA {_duration(v)}")
       elif k == "img_per_sec":
         parts.append(f"{v:.1f} img/s")
-      elif k != "step_time":
+      elif k == "mfu":
+        parts.append(f"MFU {100 * v:.1f}%")
+      elif k == "data_wait_fraction":
+        parts.append(f"data wait {100 * v:.0f}%")
+      elif k not in _FILE_ONLY:
         parts.append(f"{k} {v:.4g}")
     return " | ".join(parts)
 

@@ -32,16 +32,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from superclip_jax import attention as attention_lib
+from superclip_jax.scan_layout import STACKED_BLOCKS
 
 LN_EPS = 1e-5
 MODES = ("superclip", "clip", "superclass")
+
+
+def has_text(mode: str) -> bool:
+  """Whether `mode` has a text tower (and so a contrastive loss): not SuperClass."""
+  return mode != "superclass"
+
+
+def has_head(mode: str) -> bool:
+  """Whether `mode` has the token-classification head: not plain CLIP."""
+  return mode != "clip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,27 +111,27 @@ class MultiheadAttention(nn.Module):
   """torch.nn.MultiheadAttention as OpenCLIP uses it: fused q/k/v `in_proj`, then `out_proj`.
 
   `in_proj.kernel` is [width, 3*width] with columns q, then k, then v; heads are contiguous
-  slices of each. Inputs [batch, length, width]; `mask` is boolean [length, length]
-  (True = may attend) or None.
+  slices of each. Inputs [batch, length, width]; `causal`: each position attends only to
+  itself and earlier ones (the text tower). `attention`: the implementation (`attention.py`).
   """
   heads: int
   dtype: Any = jnp.float32
   in_init: Any = nn.initializers.lecun_normal()
   out_init: Any = nn.initializers.lecun_normal()
+  causal: bool = False
+  attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x):
     batch, length, width = x.shape
     head_dim = width // self.heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=self.in_init, name="in_proj")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+    out = attention_lib.dot_product_attention(q, k, v, causal=self.causal,
+                                              implementation=self.attention)
+    out = out.reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=self.out_init, name="out_proj")(out)
 
 
@@ -145,9 +156,11 @@ class ResidualAttentionBlock(nn.Module):
   size: TowerSize
   quick_gelu: bool = False
   dtype: Any = jnp.float32
+  causal: bool = False
+  attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x):
     width, layers = self.size.width, self.size.layers
     # OpenCLIP's text-tower init (GPT-2 style), used for both towers here.
     attn_std = width ** -0.5
@@ -156,23 +169,20 @@ class ResidualAttentionBlock(nn.Module):
     normal = nn.initializers.normal
     y = _layer_norm("ln_1")(x).astype(self.dtype)
     x = x + MultiheadAttention(self.size.heads, self.dtype, normal(attn_std), normal(proj_std),
-                               name="attn")(y, mask)
+                               self.causal, self.attention, name="attn")(y)
     y = _layer_norm("ln_2")(x).astype(self.dtype)
     x = x + Mlp(int(width * self.size.mlp_ratio), self.quick_gelu, self.dtype, normal(fc_std),
                 normal(proj_std), name="mlp")(y)
     return x
 
 
-# The scanned blocks' name; per-layer blocks are f"resblocks_{i}".
-STACKED_BLOCKS = "resblocks"
-_LAYER_BLOCK = re.compile(r"resblocks_(\d+)")
 
 
 class _ScanBody(ResidualAttentionBlock):
-  """The block as nn.scan's body: (carry x, broadcast mask) -> (x, no per-layer output)."""
+  """The block as nn.scan's body: carry x -> (x, no per-layer output)."""
 
-  def __call__(self, x, mask=None):
-    return super().__call__(x, mask), None
+  def __call__(self, x):
+    return super().__call__(x), None
 
 
 # jax.checkpoint_policies usable by name (the others are factories that need arguments).
@@ -201,9 +211,11 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = "none"  # 'none' | 'full' | a name in CHECKPOINT_POLICIES
   scan_layers: bool = False
+  causal: bool = False
+  attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x):
     block = _ScanBody if self.scan_layers else ResidualAttentionBlock
     if self.remat_policy != "none":
       # Inside a scan the loop already keeps XLA from merging the recomputation back into the
@@ -212,75 +224,16 @@ class Transformer(nn.Module):
                        prevent_cse=not self.scan_layers)
     if self.scan_layers:
       # Each layer gets its own init RNG (split_rngs), so per-layer init distributions are the
-      # unrolled model's; the mask is the same for every layer (broadcast).
+      # unrolled model's.
       blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=nn.broadcast, length=self.size.layers)
-      x, _ = blocks(self.size, self.quick_gelu, self.dtype, name=STACKED_BLOCKS)(x, mask)
+                       length=self.size.layers)
+      x, _ = blocks(self.size, self.quick_gelu, self.dtype, self.causal, self.attention,
+                    name=STACKED_BLOCKS)(x)
       return x
     for i in range(self.size.layers):
-      x = block(self.size, self.quick_gelu, self.dtype, name=f"resblocks_{i}")(x, mask)
+      x = block(self.size, self.quick_gelu, self.dtype, self.causal, self.attention,
+                name=f"resblocks_{i}")(x)
     return x
-
-
-def is_stacked(name: str) -> bool:
-  """Does parameter `name` ('visual/transformer/resblocks/ln_1/scale') carry a leading
-  [layers] axis (a scan_layers parameter, or its optimizer moment)?"""
-  return STACKED_BLOCKS in name.split("/")
-
-
-def _stack(leaves):
-  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
-    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
-  if all(isinstance(x, (np.ndarray, np.generic, float, int)) for x in leaves):
-    return np.stack(leaves)
-  return jnp.stack(leaves)
-
-
-def _index(x, i):
-  if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
-  return x[i]
-
-
-def stack_layers(tree):
-  """Per-layer params -> the scan_layers=True layout, exactly.
-
-  Every mapping holding `resblocks_0 .. resblocks_{n-1}` gets instead one `resblocks` whose
-  leaves are the n per-layer leaves stacked along a new leading axis [n, ...]; everything else
-  is kept. Works on any tree of nested mappings with the params' names (params, gradients,
-  weight-decay masks) whose leaves are numpy/jax arrays, scalars or ShapeDtypeStructs
-  (numpy in, numpy out). Inverse of `unstack_layers`.
-  """
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {k: stack_layers(v) for k, v in tree.items() if not _LAYER_BLOCK.fullmatch(k)}
-  layers = sorted(int(_LAYER_BLOCK.fullmatch(k).group(1)) for k in tree
-                  if _LAYER_BLOCK.fullmatch(k))
-  if layers:
-    if layers != list(range(len(layers))):
-      raise ValueError(f"stack_layers: blocks {['resblocks_%d' % i for i in layers]} are not "
-                       f"numbered 0..{len(layers) - 1}")
-    if STACKED_BLOCKS in tree:
-      raise ValueError("stack_layers: the tree has both resblocks_{i} and stacked resblocks")
-    blocks = [tree[f"resblocks_{i}"] for i in layers]
-    out[STACKED_BLOCKS] = jax.tree.map(lambda *xs: _stack(xs), *blocks)
-  return out
-
-
-def unstack_layers(tree):
-  """The scan_layers=True layout -> per-layer params (`resblocks_{i}`), exactly; the inverse
-  of `stack_layers`. A tree without stacked blocks is returned as it is (as plain dicts)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {k: unstack_layers(v) for k, v in tree.items() if k != STACKED_BLOCKS}
-  if STACKED_BLOCKS in tree:
-    stacked = tree[STACKED_BLOCKS]
-    layers = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
-    if len(layers) != 1:
-      raise ValueError(f"unstack_layers: stacked blocks with different leading sizes {layers}")
-    for i in range(layers.pop()):
-      out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: _index(x, i), stacked)
-  return out
 
 
 class VisionTransformer(nn.Module):
@@ -295,6 +248,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -318,7 +272,7 @@ class VisionTransformer(nn.Module):
       x = _patch_dropout(x, self.patch_dropout, self.make_rng("patch_dropout"))
     x = _layer_norm("ln_pre")(x).astype(self.dtype)
     x = Transformer(self.size, self.quick_gelu, self.dtype, self.remat_policy,
-                    self.scan_layers, name="transformer")(x)
+                    self.scan_layers, attention=self.attention, name="transformer")(x)
     x = _layer_norm("ln_post")(x)
     proj = self.param("proj", nn.initializers.normal(scale), (width, self.embed_dim))
     return x[:, 0] @ proj, x
@@ -345,6 +299,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, tokens):
@@ -356,9 +311,9 @@ class TextTransformer(nn.Module):
     pos = self.param("positional_embedding", nn.initializers.normal(0.01),
                      (self.context_length, self.size.width))
     x = x + pos.astype(self.dtype)
-    causal = jnp.tril(jnp.ones((self.context_length, self.context_length), bool))
     x = Transformer(self.size, self.quick_gelu, self.dtype, self.remat_policy,
-                    self.scan_layers, name="transformer")(x, causal)
+                    self.scan_layers, causal=True, attention=self.attention,
+                    name="transformer")(x)
     x = _layer_norm("ln_final")(x)
     eot = jnp.argmax(tokens, axis=-1)  # EOT (49407) is the largest id; first maximum.
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
@@ -412,6 +367,15 @@ class SuperCLIP(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = "none"  # 'none' | 'full' | a name in CHECKPOINT_POLICIES
   scan_layers: bool = False  # one nn.scan over the blocks of each tower (see stack_layers)
+  attention: str = "auto"  # 'auto' | 'xla' | 'jax' | 'cudnn': attention.py
+
+  @property
+  def has_text(self) -> bool:
+    return has_text(self.mode)
+
+  @property
+  def has_head(self) -> bool:
+    return has_head(self.mode)
 
   def setup(self):
     if self.mode not in MODES:
@@ -422,19 +386,19 @@ class SuperCLIP(nn.Module):
     embed = self.embed_dim or EMBED_DIMS[size]
     self.visual = VisionTransformer(VIT_SIZES[size], patch, self.image_size, embed,
                                     self.quick_gelu, self.patch_dropout, self.dtype,
-                                    self.remat_policy, self.scan_layers)
-    if self.mode != "superclass":
+                                    self.remat_policy, self.scan_layers, self.attention)
+    if self.has_text:
       if (self.text_size or size) not in TEXT_SIZES:
         raise ValueError(f"model.text_size must be one of {sorted(TEXT_SIZES)}")
       self.text = TextTransformer(TEXT_SIZES[self.text_size or size], embed, self.vocab_size,
                                   self.context_length, self.quick_gelu, self.dtype,
-                                  self.remat_policy, self.scan_layers)
+                                  self.remat_policy, self.scan_layers, self.attention)
       self.logit_scale = self.param("logit_scale", nn.initializers.constant(
           self.logit_scale_init), ())
       if self.logit_bias is not None:
         self.logit_bias_param = self.param("logit_bias",
                                            nn.initializers.constant(self.logit_bias), ())
-    if self.mode != "clip":
+    if self.has_head:
       self.class_head = ClassHead(self.vocab_size, self.head_blocks, self.head_mlp_ratio,
                                   self.quick_gelu, self.dtype)
 
@@ -446,7 +410,7 @@ class SuperCLIP(nn.Module):
 
   def encode_text(self, tokens, normalize: bool = True):
     """tokens int32 [B, context] -> text embedding [B, embed]."""
-    if self.mode == "superclass":
+    if not self.has_text:
       raise ValueError("mode='superclass' has no text tower")
     z = self.text(tokens)
     return _l2_normalize(z) if normalize else z
@@ -458,12 +422,12 @@ class SuperCLIP(nn.Module):
   def __call__(self, images, tokens=None, train: bool = False):
     zimg, patch_mean = self.encode_image(images, train)
     out = {"zimg": zimg}
-    if self.mode != "superclass":
+    if self.has_text:
       out["ztxt"] = self.encode_text(tokens)
       out["logit_scale"] = jnp.exp(self.logit_scale)
       if self.logit_bias is not None:
         out["logit_bias"] = self.logit_bias_param
-    if self.mode != "clip":
+    if self.has_head:
       out["class_logits"] = self.classify(patch_mean)
     return out
 

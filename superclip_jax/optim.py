@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from superclip_jax import models, param_rules
+from superclip_jax import param_rules, scan_layout
 
 
 def make_schedule(config):
@@ -39,7 +39,7 @@ def weight_decay_mask(config, params):
   names = param_rules.tree_names(params)
 
   def mult(m, name, p):
-    return float(m) if jnp.ndim(p) - models.is_stacked(name) >= 2 else 0.0
+    return float(m) if jnp.ndim(p) - scan_layout.is_stacked(name) >= 2 else 0.0
   return jax.tree.map(mult, mults, names, params)
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from superclip_jax import models
 from superclip_jax.data import transforms
 
 
@@ -32,8 +33,8 @@ def predict(model, paths: Sequence[str], labels: Sequence[str] = (),
   """The report `main` prints, for an `inference.Model`."""
   images = np.stack([model.preprocess(read_image(p)) for p in paths])
   probs = (model.zero_shot(images, labels, templates)
-           if labels and model.mode != "superclass" else None)
-  tags = model.tags(images, top_k) if model.mode != "clip" and top_k > 0 else None
+           if labels and models.has_text(model.mode) else None)
+  tags = model.tags(images, top_k) if models.has_head(model.mode) and top_k > 0 else None
   kind = "sigmoid, each label" if model.logit_bias is not None else "softmax over labels"
   lines = []
   for i, path in enumerate(paths):
@@ -55,7 +56,7 @@ def main(argv):
   from superclip_jax import inference
   f = flags.FLAGS
   model = inference.load(f.workdir, f.step, dtype=f.dtype)
-  if f.labels and model.mode == "superclass":
+  if f.labels and not models.has_text(model.mode):
     logging.warning("model.mode='superclass' has no text tower: --labels ignored")
   print(predict(model, f.image, f.labels, f.templates, f.top_k), flush=True)
 

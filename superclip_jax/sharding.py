@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from superclip_jax import models, param_rules
+from superclip_jax import param_rules, scan_layout
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -51,8 +51,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(global_batch: int, mesh: Mesh, accum_steps: int = 1) -> None:
   """The global batch, and each of its `accum_steps` micro-batches, must split over the mesh."""
   if global_batch % mesh.size:
+    fit = global_batch // mesh.size * mesh.size or mesh.size
     raise ValueError(f"input.batch_size={global_batch} must be divisible by the number of "
-                     f"devices ({mesh.size}); e.g. {global_batch // mesh.size * mesh.size or mesh.size}")
+                     f"devices ({mesh.size}); e.g. {fit}")
   if accum_steps > 1:  # (batch_size % accum_steps: config_lib.validate)
     micro = global_batch // accum_steps
     if micro % mesh.size:
@@ -87,4 +88,4 @@ def tree_shardings(rules, tree, mesh: Mesh):
   names = param_rules.tree_names(tree)
   return jax.tree.map(
       lambda r, n, x: NamedSharding(mesh, _spec(r, np.shape(x), fsdp_size,
-                                                models.is_stacked(n))), chosen, names, tree)
+                                                scan_layout.is_stacked(n))), chosen, names, tree)

@@ -12,8 +12,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from superclip_jax import losses, models, optim, sharding
-from superclip_jax.data import input_pipeline
+from superclip_jax import counts, models, optim, sharding
+from superclip_jax.data import position
 
 
 @flax.struct.dataclass
@@ -22,14 +22,14 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # uint32 [2]: raw key data (checkpoints hold plain arrays)
-  idf: losses.IdfCounts  # running document frequencies over every caption seen
-  examples_seen: losses.ExactCount  # data position: global examples consumed so far
+  idf: counts.IdfCounts  # running document frequencies over every caption seen
+  examples_seen: counts.ExactCount  # data position: global examples consumed so far
   # int32 [processes, sources, 2]: each source's next (group, offset) on each process
-  # (input_pipeline.advance_position); file sources resume from it exactly.
+  # (position.advance_position); file sources resume from it exactly.
   data_position: jax.Array
   # int32 [sources, 2]: the (epoch, item) of each source's global item sequence where the
   # positions count from; moved only when a resume changes the process count
-  # (input_pipeline.resume_position). Zeros in checkpoints written before it existed.
+  # (position.resume_position). Zeros in checkpoints written before it existed.
   data_origin: jax.Array
 
 
@@ -68,10 +68,10 @@ class StateFactory:
         params=params,
         opt_state=self.tx.init(params),
         rng=jax.random.key_data(train_rng),
-        idf=losses.IdfCounts.zeros(self.config.model.vocab_size),
-        examples_seen=losses.ExactCount.zeros(),
-        data_position=jnp.zeros(input_pipeline.position_shape(self.config), jnp.int32),
-        data_origin=jnp.zeros(input_pipeline.origin_shape(self.config), jnp.int32),
+        idf=counts.IdfCounts.zeros(self.config.model.vocab_size),
+        examples_seen=counts.ExactCount.zeros(),
+        data_position=jnp.zeros(position.position_shape(self.config), jnp.int32),
+        data_origin=jnp.zeros(position.origin_shape(self.config), jnp.int32),
     )
 
   def _seed_data(self):

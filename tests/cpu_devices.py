@@ -23,7 +23,7 @@ def env(devices: int, cached: bool = False) -> dict:
   """This environment with `devices` CPU devices per process and the repo importable (and,
   if `cached`, the compilation cache above)."""
   out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu",
+             JAX_PLATFORMS="cpu", PYTHON=sys.executable,  # launch/local_processes.sh's python
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   return compile_cache(out) if cached else out
 

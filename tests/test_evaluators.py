@@ -25,8 +25,8 @@ import tensorflow as tf
 from PIL import Image
 
 from superclip_jax import classnames, evaluators, sharding, tokenizer, train_state
-from superclip_jax.data import sources, transforms
-from superclip_jax.evaluators import common, linear_probe, retrieval, zeroshot
+from superclip_jax.data import image_folder, transforms
+from superclip_jax.evaluators import common, eval_data, linear_probe, retrieval, zeroshot
 from tests.test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,9 +296,8 @@ def _mock_coco(images, captions):
 def _retrieval_with(model, mesh, num_images=13, max_captions=3):
   tfds = pytest.importorskip("tensorflow_datasets")
   config = tiny_config()
-  ev = retrieval.RetrievalEvaluator(
-      dict(data=dict(source="tfds", name="coco_captions", split="test"), batch_size=8,
-           max_captions=max_captions), config, model, mesh)
+  ev = retrieval.RetrievalEvaluator(config, model, mesh, data="tfds:coco_captions:test",
+                                    batch_size=8, max_captions=max_captions)
   images = [grey_image(i, 30 + i, 45) for i in range(num_images)]
   captions = [[f"{WORDS[i]} {FILLERS[c]}" for c in range(i % 5 + 1)] for i in range(num_images)]
   with tfds.testing.mock_data(as_dataset_fn=_mock_coco(images, captions)):
@@ -344,27 +343,28 @@ def test_zeroshot_on_an_ilsvrc_style_image_folder(tmp_path, mesh):
     for j in range(3 + cls):  # 3, 4, 5 images: 12 in all, a partial last batch of 8
       _write_png(str(root / f"n0{cls + 1}" / f"ILSVRC2012_val_{cls}{j}.JPEG.png"),
                  grey_image(cls, 36 + j, 36))
-  source = sources.image_folder_source(str(root))
+  source = image_folder.image_folder_source(str(root))
   assert source.classnames == ("n01", "n02", "n03")
   assert list(source.labels) == [0] * 3 + [1] * 4 + [2] * 5
 
   config = tiny_config()
   eye = np.eye(3, dtype=np.float32)
-  cfg = dict(data=dict(source="image_folder", path=str(root)), batch_size=8,
-             classnames=list(WORDS[:3]), templates=["{}", "{} photo"])
-  metrics = zeroshot.ZeroShotEvaluator(cfg, config, KnownModel(eye, eye), mesh).run({})
+  # 'folder:PATH' gives what dict(source='image_folder', path=PATH) gave before.
+  cfg = dict(data=f"folder:{root}", batch_size=8, classnames=list(WORDS[:3]),
+             templates=["{}", "{} photo"])
+  metrics = zeroshot.ZeroShotEvaluator(config, KnownModel(eye, eye), mesh, **cfg).run({})
   assert metrics == {"top1": 1.0, "num_examples": 12.0, "num_bad_images": 0.0}
   ones = np.ones((3, 2), np.float32)
-  tied = zeroshot.ZeroShotEvaluator(cfg, config, KnownModel(ones, ones), mesh).run({})
+  tied = zeroshot.ZeroShotEvaluator(config, KnownModel(ones, ones), mesh, **cfg).run({})
   assert tied["top1"] == 0.0
-  # The same folder as an input-pipeline spec.
-  by_spec = dict(cfg, data=dict(source="spec", spec=f"folder:{root}"))
-  assert zeroshot.ZeroShotEvaluator(by_spec, config, KnownModel(eye, eye), mesh).run({}) == (
-      metrics)
+  # The same folder through common.from_config, as config.evals names it.
+  by_config = common.from_config(zeroshot.ZeroShotEvaluator, dict(cfg, type="zeroshot"),
+                                 config, KnownModel(eye, eye), mesh)
+  assert by_config.run({}) == metrics
 
   # A file that does not decode stays in the count, as a black image, and is reported.
   (root / "n02" / "broken.jpg").write_bytes(b"not an image")
-  metrics = zeroshot.ZeroShotEvaluator(cfg, config, KnownModel(eye, eye), mesh).run({})
+  metrics = zeroshot.ZeroShotEvaluator(config, KnownModel(eye, eye), mesh, **cfg).run({})
   assert metrics["num_examples"] == 13.0 and metrics["num_bad_images"] == 1.0
 
 
@@ -379,9 +379,8 @@ def test_retrieval_from_a_karpathy_json(tmp_path, mesh):
   config = tiny_config()
   eye = np.eye(6, dtype=np.float32)
   ev = retrieval.RetrievalEvaluator(
-      dict(data=dict(source="karpathy_json", path=str(tmp_path / "dataset_flickr30k.json"),
-                     image_dir=str(tmp_path / "img")), batch_size=4),
-      config, KnownModel(eye, eye), mesh)
+      config, KnownModel(eye, eye), mesh, batch_size=4,
+      data=f"karpathy:{tmp_path / 'dataset_flickr30k.json'}?image_dir={tmp_path / 'img'}")
   metrics = ev.run({})
   assert metrics["num_images"] == 5 and metrics["num_captions"] == 1 + 2 + 1 + 2 + 3
   assert metrics["image_to_text_R@1"] == 1.0 and metrics["text_to_image_R@1"] == 1.0
@@ -398,9 +397,8 @@ def test_retrieval_from_webdataset_shards(tmp_path, mesh):
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
   eye = np.eye(5, dtype=np.float32)
-  ev = retrieval.RetrievalEvaluator(
-      dict(data=dict(source="spec", spec=f"wds:{shard}?text=txt"), batch_size=4),
-      tiny_config(), KnownModel(eye, eye), mesh)
+  ev = retrieval.RetrievalEvaluator(tiny_config(), KnownModel(eye, eye), mesh,
+                                    data=f"wds:{shard}?text=txt", batch_size=4)
   metrics = ev.run({})
   assert metrics["num_images"] == 5 and metrics["num_captions"] == 5
   assert metrics["image_to_text_R@1"] == 1.0 and metrics["text_to_image_R@1"] == 1.0
@@ -420,9 +418,8 @@ def _reference_images(ds, image_key, size):
 def test_zeroshot_on_tfds_mock_cifar10_equals_a_plain_reference(tiny, mesh):
   tfds = pytest.importorskip("tensorflow_datasets")
   config, model, params = tiny
-  ev = zeroshot.ZeroShotEvaluator(
-      dict(data=dict(source="tfds", name="cifar10", split="test"), classnames="cifar10",
-           batch_size=8), config, model, mesh)
+  ev = zeroshot.ZeroShotEvaluator(config, model, mesh, data="tfds:cifar10:test",
+                                  classnames="cifar10", batch_size=8)
   with tfds.testing.mock_data(num_examples=13):
     metrics = ev.run(params)
     ds = tfds.load("cifar10", split="test")
@@ -451,9 +448,8 @@ def test_retrieval_on_tfds_mock_coco_equals_a_plain_reference(tiny, mesh):
             for _ in range(11)]
   captions = [[" ".join(rng.choice(WORDS, 3)) for _ in range(rng.integers(1, 8))]
               for _ in range(11)]
-  ev = retrieval.RetrievalEvaluator(
-      dict(data=dict(source="tfds", name="coco_captions", split="test"), batch_size=8,
-           max_captions=5), config, model, mesh)
+  ev = retrieval.RetrievalEvaluator(config, model, mesh, data="tfds:coco_captions:test",
+                                    batch_size=8, max_captions=5)
   with tfds.testing.mock_data(as_dataset_fn=_mock_coco(images, captions)):
     metrics = ev.run(params)
   size = config.model.image_size
@@ -510,9 +506,9 @@ def test_logistic_regression_reaches_the_scipy_optimum():
 
 def test_linear_probe_evaluator_on_demo_data_counts_and_scores(tiny, mesh):
   config, model, params = tiny
-  ev = linear_probe.LinearProbeEvaluator(
-      dict(num_train_examples=40, num_test_examples=21, batch_size=8, max_iters=30,
-           features="patch_mean"), config, model, mesh)
+  ev = linear_probe.LinearProbeEvaluator(config, model, mesh, num_train_examples=40,
+                                        num_test_examples=21, batch_size=8, max_iters=30,
+                                        features="patch_mean")
   metrics = ev.run(params)
   assert metrics["num_train"] == 40 and metrics["num_test"] == 21
   assert 0.0 <= metrics["top1"] <= 1.0 and metrics["num_bad_images"] == 0
@@ -533,10 +529,81 @@ def test_build_validates_names_types_and_modes(mesh):
   with pytest.raises(ValueError, match="unknown evaluator type 'zero_shot'"):
     evaluators.build(config, model, mesh)
   del config.evals["bad"]
-  config.evals.zs.data = dict(source="tfds", split="test")
-  with pytest.raises(ValueError, match=r"config.evals.zs: .*needs \['name'\]"):
+  config.evals.zs.data = "tfds:test"
+  with pytest.raises(ValueError, match=r"config.evals.zs: .*'tfds:NAME:SPLIT'"):
     evaluators.build(config, model, mesh)
-  config.evals.zs.data = dict(source="tfds", name="cifar10", split="test")
+  config.evals.zs.data = "tfds:cifar10:test"
   config.model.mode = "superclass"
   with pytest.raises(ValueError, match="needs a text tower"):
     evaluators.build(config, model, mesh)
+
+
+def test_a_misspelt_field_is_an_error_naming_the_evaluator_and_the_field(mesh):
+  config = tiny_config()
+  config.evals.retrieval_coco = dict(type="retrieval", max_caption=3)
+  model = KnownModel(np.eye(2), np.eye(2))
+  with pytest.raises(ValueError, match=r"config.evals.retrieval_coco: RetrievalEvaluator has "
+                     r"no field 'max_caption' \(did you mean 'max_captions'\?\); its fields: "
+                     r"data, batch_size, max_captions, num_examples, ks \(and type, "
+                     r"every_steps\)"):
+    evaluators.build(config, model, mesh)
+
+
+def test_defaults_come_from_the_constructor_signature(mesh):
+  config, model = tiny_config(), KnownModel(np.eye(2), np.eye(2))
+  shared = dict(type="x", every_steps=3)  # read by evaluators.build, not the evaluator
+  ev = common.from_config(retrieval.RetrievalEvaluator, shared, config, model, mesh)
+  defaults = common.fields_of(retrieval.RetrievalEvaluator)
+  assert (ev.data.spec, ev.batch_size, ev.num_examples, ev.ks) == (
+      defaults["data"], defaults["batch_size"], defaults["num_examples"], defaults["ks"])
+  ev = common.from_config(zeroshot.ZeroShotEvaluator, dict(shared, batch_size=16), config,
+                          model, mesh)
+  defaults = common.fields_of(zeroshot.ZeroShotEvaluator)
+  assert (ev.text_batch_size, ev.ks) == (16, defaults["ks"])  # text_batch_size: batch_size
+  ev = common.from_config(linear_probe.LinearProbeEvaluator, shared, config, model, mesh)
+  defaults = common.fields_of(linear_probe.LinearProbeEvaluator)
+  assert ev.probe_kwargs == {k: defaults[k] for k in ("l2_grid", "val_fraction", "max_iters",
+                                                       "seed")}
+  assert (ev.train_data.spec, ev.test_data.spec, ev.features) == (
+      defaults["train_data"], defaults["test_data"], defaults["features"])
+
+
+def test_old_dict_data_fields_read_as_the_spec_strings_they_stand_for():
+  """Workdirs written before spec strings keep evaluating: each old form, by hand."""
+  parse, LABELS, CAPTIONS = eval_data.parse, eval_data.LABELS, eval_data.CAPTIONS
+  for old, new, needs in [
+      (dict(source="demo"), "demo", LABELS),
+      (dict(source="demo", split="retrieval"), "demo:retrieval", CAPTIONS),
+      (dict(source="tfds", name="cifar10", split="test[:10%]", data_dir="/t"),
+       "tfds:cifar10:test[:10%]?data_dir=/t", LABELS),
+      (dict(source="tfds", name="coco_captions", split="val", captions_key="captions/text"),
+       "tfds:coco_captions:val?text=captions/text", CAPTIONS),
+      (dict(source="image_folder", path="/d/val"), "folder:/d/val", LABELS),
+      (dict(source="karpathy_json", path="/d/c.json", image_dir="/d/img"),
+       "karpathy:/d/c.json?image_dir=/d/img", CAPTIONS),
+      (dict(source="spec", spec="wds:/d/{0..3}.tar?label=cls"), "wds:/d/{0..3}.tar?label=cls",
+       LABELS)]:
+    got, want = parse(old, needs), parse(new, needs)
+    assert (got.kind, got.location, got.options) == (want.kind, want.location, want.options)
+
+
+def test_eval_data_strings_are_checked_when_the_evaluator_is_built():
+  parse, LABELS, CAPTIONS = eval_data.parse, eval_data.LABELS, eval_data.CAPTIONS
+  assert parse("demo", LABELS).location == "zeroshot"
+  assert parse("demo", CAPTIONS).location == "retrieval"
+  karpathy = parse("karpathy:/d/dataset_coco.json?image_dir=/d/images", CAPTIONS)
+  assert (karpathy.location, karpathy.options) == (
+      "/d/dataset_coco.json", {"image_dir": "/d/images", "split": "test"})
+  assert parse("tfds:cifar10:test[:10%]?data_dir=/t", LABELS).options == {"data_dir": "/t"}
+  for data, needs, message in [
+      (dict(source="nope", name="cifar10"), LABELS, "name it with a spec string"),
+      (42, LABELS, "name it with a spec string"),
+      ("demo:nope", LABELS, "split of"),
+      ("karpathy:/d/dataset_coco.json", CAPTIONS, r"image_dir=DIR"),
+      ("karpathy:/d/c.json?image_dir=/d", LABELS, "no class labels"),
+      ("wds:/d/{0..3}.tar", LABELS, r"add \?label=FIELD"),
+      ("folder:/d/val", CAPTIONS, "no captions"),
+      ("imagenet", LABELS, "start it with one of"),
+      ("tfds:cifar10:test?labl=x", LABELS, "unknown option")]:
+    with pytest.raises(ValueError, match=message):
+      parse(data, needs)

@@ -25,6 +25,9 @@ import pytest
 from superclip_jax import convert
 from superclip_jax import export
 from superclip_jax import models
+from superclip_jax import torch_configs
+from superclip_jax import torch_io
+from superclip_jax import torch_layouts
 
 RTOL = 1e-5
 SOT, EOT = 49406, 49407
@@ -296,11 +299,11 @@ def test_superclip_b16_layout(b16):
   assert shapes["num_samples"] == ((1, 1), np.float64)
   assert shapes["visual.conv1.weight"] == ((768, 3, 16, 16), np.float32)
   assert shapes["logit_scale"] == ((), np.float32)
-  cfg = convert.superclip_model_cfg(b16.model)
+  cfg = torch_configs.superclip_model_cfg(b16.model)
   assert cfg["vision_cfg"]["output_tokens"] is True
   assert cfg["clstext_cfg"] == {"context_length": 77, "vocab_size": 49408, "layers": 0,
                                 "mlp_ratio": 4}
-  assert convert.openclip_model_name(b16.model) == "ViT-B-16"
+  assert torch_configs.openclip_model_name(b16.model) == "ViT-B-16"
   if importlib.util.find_spec("open_clip"):
     official = official_superclip(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in official.items()} == {
@@ -369,7 +372,7 @@ def test_hf_numerics(case, tmp_path):
 
   # The head beside it: post_layernorm on the patch tokens, their mean, then the head.
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  head = load_file(tmp_path / convert.HF_HEAD_FILE)
+  head = load_file(tmp_path / torch_io.HF_HEAD_FILE)
   ln = model.vision_model.post_layernorm
   with torch.no_grad():
     x = ln(vision.last_hidden_state)[:, 1:].mean(dim=1)
@@ -403,7 +406,7 @@ def test_hf_tokenizer_and_processor(small, tmp_path):
     np.testing.assert_array_equal(a[:n], b[:n])
   image_processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path)
   assert image_processor.crop_size == {"height": 32, "width": 32}
-  np.testing.assert_allclose(image_processor.image_mean, convert.IMAGE_MEAN)
+  np.testing.assert_allclose(image_processor.image_mean, torch_configs.IMAGE_MEAN)
 
 
 def test_hf_rejects_logit_bias():
@@ -413,6 +416,29 @@ def test_hf_rejects_logit_bias():
 
 # ------------------------------------------------------------------------------------------
 # Import: bitwise round trips, the trainer's entry point, errors.
+
+def test_from_torch_inverts_to_torch():
+  """to_torch against numpy for every kind; from_torch(to_torch(x)) is x (for q/k/v, its
+  third of in_proj) bit for bit, and fuse_qkv joins the thirds back into x."""
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((4, 12)).astype(np.float32)  # a fused in_proj kernel [in, 3 * out]
+  b = rng.standard_normal(12).astype(np.float32)
+  conv = rng.standard_normal((2, 2, 3, 8)).astype(np.float32)  # HWIO
+  cases = {"copy": (w, w, w), "linear": (w, w.T, w),  # kind: (ours, torch's, back)
+           "conv": (conv, conv.transpose(3, 2, 0, 1), conv)}
+  for i, part in enumerate("qkv"):
+    cases[part] = (w, w[:, 4 * i:4 * (i + 1)].T, w[:, 4 * i:4 * (i + 1)])
+    cases[part + "_bias"] = (b, b[4 * i:4 * (i + 1)], b[4 * i:4 * (i + 1)])
+  thirds = {}
+  for kind, (x, torch_want, back_want) in cases.items():
+    y = torch_layouts.to_torch(x, kind)
+    assert np.array_equal(y, torch_want), kind
+    thirds[kind] = torch_layouts.from_torch(y, kind)
+    assert thirds[kind].dtype == x.dtype and np.array_equal(thirds[kind], back_want), kind
+  assert np.array_equal(torch_layouts.fuse_qkv({k: thirds[k] for k in "qkv"}), w)
+  assert np.array_equal(torch_layouts.fuse_qkv({k + "_bias": thirds[k + "_bias"]
+                                                for k in "qkv"}), b)
+
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_round_trip_in_memory(case, fmt):

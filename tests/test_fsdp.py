@@ -8,14 +8,14 @@ from tests import cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from superclip_jax import sharding, train, train_state
+    from superclip_jax import sharding, train_state, train_step
     from tests.test_train import fixed_batch, tiny_config
     assert jax.device_count() == 8
 
     def run(config, devices):
       mesh = sharding.make_mesh(config.mesh, devices)
       f = train_state.StateFactory(config, mesh)
-      step = jax.jit(train.make_train_step(config, f.model, f.tx, f.schedule, mesh),
+      step = jax.jit(train_step.make_train_step(config, f.model, f.tx, f.schedule, mesh),
                      in_shardings=(f.shardings, sharding.batch_sharding(mesh)),
                      out_shardings=(f.shardings, sharding.replicated(mesh)), donate_argnums=0)
       state, losses = f.create(), []

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from superclip_jax import config_lib, losses, sharding, train, train_state
+from superclip_jax import config_lib, losses, sharding, train_state, train_step
 from tests import cpu_devices
 from tests.test_train import fixed_batch, tiny_config
 
@@ -30,7 +30,7 @@ def _sgd_step(config):
   """The train step with plain SGD at lr 1, so that params_before - params_after = gradient."""
   factory = train_state.StateFactory(config, sharding.make_mesh(config.mesh))
   tx = optax.sgd(1.0)
-  step = jax.jit(train.make_train_step(config, factory.model, tx, factory.schedule))
+  step = jax.jit(train_step.make_train_step(config, factory.model, tx, factory.schedule))
   state = factory.create()
   return state.replace(opt_state=tx.init(state.params)), step
 
@@ -74,7 +74,7 @@ def test_adamw_step_idf_counts_and_nonfinite_batches_with_accumulation():
   for k in (1, 4):
     config = _config(accum_steps=k)
     factory = train_state.StateFactory(config, sharding.make_mesh(config.mesh))
-    step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule))
+    step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule))
     state, metrics = step(factory.create(), batch)
     results.append((state, jax.device_get(metrics)))
   (want, want_m), (got, got_m) = results
@@ -151,7 +151,7 @@ def test_bad_accum_steps_are_refused_with_the_field_named():
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from superclip_jax import sharding, train, train_state
+    from superclip_jax import sharding, train_state, train_step
     from tests.test_train import fixed_batch, tiny_config
     assert jax.device_count() == 8
 
@@ -159,7 +159,7 @@ SCRIPT = textwrap.dedent("""
       mesh = sharding.make_mesh(config.mesh, devices)
       sharding.check_batch(config.input.batch_size, mesh, config.accum_steps)
       f = train_state.StateFactory(config, mesh)
-      step = jax.jit(train.make_train_step(config, f.model, f.tx, f.schedule, mesh),
+      step = jax.jit(train_step.make_train_step(config, f.model, f.tx, f.schedule, mesh),
                      in_shardings=(f.shardings, sharding.batch_sharding(mesh)),
                      out_shardings=(f.shardings, sharding.replicated(mesh)), donate_argnums=0)
       state, history = f.create(), []

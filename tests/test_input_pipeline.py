@@ -12,7 +12,11 @@ import tensorflow as tf
 from PIL import Image
 
 from superclip_jax import config_lib, tokenizer
-from superclip_jax.data import bad_records, input_pipeline, sources, transforms, webdataset
+from superclip_jax.data import bad_records, input_pipeline, position, records, sources
+from superclip_jax.data import tfds_source, transforms, webdataset
+from superclip_jax.data import spec as data_spec
+from superclip_jax.data.image_folder import image_folder_source
+from superclip_jax.evaluators import eval_data
 
 SIZE = 16  # model.image_size in these tests
 
@@ -163,35 +167,35 @@ def _check_alignment(batch):
 # Spec strings and patterns.
 
 def test_expand_braces():
-  assert sources.expand_braces("a/{000..002}.tar") == ["a/000.tar", "a/001.tar", "a/002.tar"]
-  assert sources.expand_braces("{8..10}") == ["8", "9", "10"]
-  assert sources.expand_braces("x{a,b}{0..1}") == ["xa0", "xa1", "xb0", "xb1"]
-  assert sources.expand_braces("plain.tar") == ["plain.tar"]
+  assert data_spec.expand_braces("a/{000..002}.tar") == ["a/000.tar", "a/001.tar", "a/002.tar"]
+  assert data_spec.expand_braces("{8..10}") == ["8", "9", "10"]
+  assert data_spec.expand_braces("x{a,b}{0..1}") == ["xa0", "xa1", "xb0", "xb1"]
+  assert data_spec.expand_braces("plain.tar") == ["plain.tar"]
 
 
 def test_parse_spec():
-  assert sources.parse_spec("wds:gs://b/{0..9}.tar") == ("wds", "gs://b/{0..9}.tar", {})
-  assert sources.parse_spec("gs://b/{0..9}.tar")[0] == "wds"
-  assert sources.parse_spec("/d/x-{0..3}.tfrecord?text=caption") == (
+  assert data_spec.parse_spec("wds:gs://b/{0..9}.tar") == ("wds", "gs://b/{0..9}.tar", {})
+  assert data_spec.parse_spec("gs://b/{0..9}.tar")[0] == "wds"
+  assert data_spec.parse_spec("/d/x-{0..3}.tfrecord?text=caption") == (
       "tfrecord", "/d/x-{0..3}.tfrecord", {"text": "caption"})
-  assert sources.parse_spec("demo") == ("demo", "", {})
-  assert sources._split_tfds_location("coco_captions:train", "s") == ("coco_captions", "train")
-  assert sources._split_tfds_location("mnist:3.0.1:train[:10%]", "s") == (
+  assert data_spec.parse_spec("demo") == ("demo", "", {})
+  assert tfds_source._split_tfds_location("coco_captions:train", "s") == ("coco_captions", "train")
+  assert tfds_source._split_tfds_location("mnist:3.0.1:train[:10%]", "s") == (
       "mnist:3.0.1", "train[:10%]")
   for bad in ("", "wds:", "shards/*.zip", "wds:/a.tar?colour=red"):
     with pytest.raises(ValueError):
-      sources.parse_spec(bad)
+      data_spec.parse_spec(bad)
 
 
 def test_mixture_specs():
-  assert input_pipeline.mixture("wds:/a/{0..1}.tar") == [("wds:/a/{0..1}.tar", 1.0)]
-  assert input_pipeline.mixture(" wds:/a.tar?weight=0.7 ; tfds:coco:train?text=t&weight=3") == [
+  assert data_spec.mixture("wds:/a/{0..1}.tar") == [("wds:/a/{0..1}.tar", 1.0)]
+  assert data_spec.mixture(" wds:/a.tar?weight=0.7 ; tfds:coco:train?text=t&weight=3") == [
       ("wds:/a.tar", 0.7), ("tfds:coco:train?text=t", 3.0)]
-  assert input_pipeline.mixture((("wds:/a.tar", 2), ("folder:/f", 1))) == [
+  assert data_spec.mixture((("wds:/a.tar", 2), ("folder:/f", 1))) == [
       ("wds:/a.tar", 2.0), ("folder:/f", 1.0)]
   for bad in ("wds:/a.tar?weight=0;wds:/b.tar", "wds:/a.tar?weight=x", "demo;wds:/b.tar", ";"):
     with pytest.raises(ValueError):
-      input_pipeline.mixture(bad)
+      data_spec.mixture(bad)
 
 
 def test_startup_errors_name_what_is_wrong(damaged_shards, tmp_path, image_folder):
@@ -203,7 +207,7 @@ def test_startup_errors_name_what_is_wrong(damaged_shards, tmp_path, image_folde
   with pytest.raises(ValueError, match="no file"):
     sources.from_spec(f"wds:{tmp_path}/*.tar")
   with pytest.raises(ValueError, match="caption.txt"):
-    sources.from_spec(spec, sources.Fields(text="caption.txt"))
+    sources.from_spec(spec, data_spec.Fields(text="caption.txt"))
   with pytest.raises(ValueError, match="'webp'"):
     sources.from_spec(spec + "?image=webp")
   with pytest.raises(ValueError, match="json/caption"):
@@ -213,7 +217,7 @@ def test_startup_errors_name_what_is_wrong(damaged_shards, tmp_path, image_folde
   with pytest.raises(ValueError, match="no class subfolders"):
     sources.from_spec(f"folder:{tmp_path}")
   with pytest.raises(ValueError, match="not divisible"):
-    input_pipeline.local_batch_size(10, 3)
+    position.local_batch_size(10, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,17 +245,30 @@ def test_tar_reader_long_names_and_damage(tmp_path):
   assert counts["corrupt_shard"] == 1 and counts["unreadable_file"] == 1
 
 
-def test_eval_pass_skips_and_counts_damaged_records(damaged_shards):
+def _eval_rows(spec, batch):
+  """(key from the first caption or None, bad) of every example the evaluators' image-text
+  path yields for a spec."""
+  data = eval_data.parse(spec, eval_data.CAPTIONS)
+  batches = eval_data.image_text_data(data, _config(spec), batch, max_captions=1)
+  return [(_key_of_tokens(tokens[0]) if mask[0] else None, bool(bad))
+          for b in batches.as_numpy_iterator()
+          for tokens, mask, bad in zip(b["tokens"], b["caption_mask"], b["bad"])]
+
+
+def test_eval_pass_flags_and_counts_damaged_records(damaged_shards):
   spec, good, expected = damaged_shards
   bad_records.reset()
-  source = sources.from_spec(spec)
-  batches = list(input_pipeline.eval_dataset(source, SIZE, 8).as_numpy_iterator())
-  keys = [k.decode() for b in batches for k in b["key"]]
-  # Eval keeps records with a good image whatever their caption: all but the image failures.
-  assert sorted(keys) == sorted(good + ["s0utf", "s2nocap"])
+  rows = _eval_rows(spec, 8)
+  # Eval keeps records with a good image whatever their caption (s0utf, s2nocap) ...
+  kept = [key for key, bad in rows if not bad]
+  assert len(kept) == len(good) + 2 and set(good) <= set(kept)
+  # ... and keeps those without one too, flagged: the number of examples never changes.
+  assert sorted(key for key, bad in rows if bad) == ["s0zero", "s2noimg", "s2trunc"]
   counts = bad_records.counts()
-  for reason in ("bad_image", "missing_image", "truncated_shard", "corrupt_shard"):
+  for reason in ("truncated_shard", "corrupt_shard"):
     assert counts[reason] == expected[reason], reason
+  # The record without an image is decoded from no bytes: a bad image.
+  assert counts["bad_image"] == expected["bad_image"] + expected["missing_image"]
 
 
 def test_train_stream_keeps_every_good_record_and_counts_the_bad(damaged_shards):
@@ -286,7 +303,7 @@ def test_train_stream_keeps_every_good_record_and_counts_the_bad(damaged_shards)
 @pytest.mark.parametrize("processes", [1, 2, 3, 4])
 def test_processes_split_every_epoch_evenly(num_items, processes):
   per_process = 3 * num_items  # three epochs' worth of items for each process
-  taken = [sources.process_items(num_items, 0, 0, p, processes, 0, per_process)
+  taken = [position.process_items(num_items, 0, 0, p, processes, 0, per_process)
            for p in range(processes)]
   # Global position of process p's j-th item is p + j * P: reassemble the global sequence.
   sequence = np.empty(per_process * processes, np.int64)
@@ -296,7 +313,7 @@ def test_processes_split_every_epoch_evenly(num_items, processes):
     chunk = sequence[epoch * num_items:(epoch + 1) * num_items]
     assert sorted(chunk) == list(range(num_items))  # each shard once per epoch, over all hosts
   np.testing.assert_array_equal(
-      sources.process_items(num_items, 0, 0, 1 % processes, processes, 2, 1),
+      position.process_items(num_items, 0, 0, 1 % processes, processes, 2, 1),
       taken[1 % processes][2:3])  # any window is computed directly (a restart needs no replay)
 
 
@@ -320,7 +337,7 @@ def test_advance_position():
   table[1, 2] = (7, 9)
   rows = np.array([[0, 0, 1, 5], [0, 0, 2, 0], [0, 0, 2, 3], [1, 1, 0, 4], [0, 0, 1, 9]],
                   np.int32)
-  out = np.asarray(jax.jit(input_pipeline.advance_position)(table, rows))
+  out = np.asarray(jax.jit(position.advance_position)(table, rows))
   assert out[0, 0].tolist() == [2, 4]  # the last record of the latest group, plus one
   assert out[1, 1].tolist() == [0, 5]
   assert out[1, 2].tolist() == [7, 9]  # absent from the batch: unchanged
@@ -333,8 +350,8 @@ def _resume_matches(config, steps_before, steps_after, processes=1):
   full = [_batches(input_pipeline.train_dataset(config, process_index=p,
                                                 process_count=processes, with_keys=True),
                    steps_before + steps_after) for p in range(processes)]
-  table = input_pipeline.initial_position(config, processes)
-  advance = jax.jit(input_pipeline.advance_position)
+  table = position.initial_position(config, processes)
+  advance = jax.jit(position.advance_position)
   for step in range(steps_before):
     rows = np.concatenate([full[p][step]["_position"] for p in range(processes)])
     table = advance(table, rows)
@@ -372,7 +389,7 @@ def test_resume_needs_the_position(damaged_shards):
   config = _config(spec)
   with pytest.raises(ValueError, match="processes"):
     input_pipeline.train_dataset(config, start=8,
-                                 position=input_pipeline.initial_position(config, 3))
+                                 position=position.initial_position(config, 3))
 
 
 def test_mixture_follows_the_weights(damaged_shards, image_folder):
@@ -431,12 +448,11 @@ def test_img2dataset_tfrecords(tmp_path):
   _write_tfrecords(str(tmp_path / "00001.tfrecord"), [f"b{i}" for i in range(4)], truncate=True)
   bad_records.reset()
   spec = f"{tmp_path}/{{00000..00001}}.tfrecord"
-  source = sources.from_spec(spec)
-  keys = [k.decode() for b in input_pipeline.eval_dataset(source, SIZE, 4).as_numpy_iterator()
-          for k in b["key"]]
+  rows = _eval_rows(spec, 4)
+  keys = [key for key, bad in rows if not bad]
   assert sorted(keys) == [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(3)]
   assert bad_records.counts()["truncated_shard"] == 1
-  assert bad_records.counts()["malformed_record"] == 1
+  assert [key for key, bad in rows if bad] == [None]  # the malformed record, flagged
   batches = _batches(input_pipeline.train_dataset(_config(spec), with_keys=True), 3)
   for batch in batches:
     _check_alignment(batch)
@@ -444,20 +460,26 @@ def test_img2dataset_tfrecords(tmp_path):
     sources.from_spec(spec + "?text=caption")
 
 
-def test_image_folder_source(image_folder):
-  source = sources.image_folder_source(image_folder)
+def test_image_folder_source(image_folder, monkeypatch):
+  source = image_folder_source(image_folder)
   assert source.classnames == ("cat", "dog", "fish")
-  batches = list(input_pipeline.eval_dataset(source, SIZE, 5).as_numpy_iterator())
+  config = _config(f"folder:{image_folder}", batch=6)
+  data = eval_data.parse(f"folder:{image_folder}", eval_data.LABELS)
+  batches = list(eval_data.classification_data(data, config, 5).as_numpy_iterator())
   labels = np.concatenate([b["label"] for b in batches])
   assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-  assert batches[0]["captions"][0].tolist() == [b"a photo of a cat."]
+  first = records.unpack(next(source.eval_records().as_numpy_iterator()))
+  assert first.texts == [b"a photo of a cat."]
   assert batches[0]["image"].shape == (5, SIZE, SIZE, 3) and len(batches[-1]["image"]) == 2
   # Two processes split the files between them.
-  halves = [np.concatenate([b["label"] for b in input_pipeline.eval_dataset(
-      source, SIZE, 8, process_index=p, process_count=2).as_numpy_iterator()])
-            for p in range(2)]
+  halves = []
+  for p in range(2):
+    with monkeypatch.context() as m:
+      m.setattr(jax, "process_index", lambda: p)
+      m.setattr(jax, "process_count", lambda: 2)
+      halves.append(np.concatenate([b["label"] for b in eval_data.classification_data(
+          data, config, 8).as_numpy_iterator()]))
   assert sorted(np.concatenate(halves).tolist()) == labels.tolist()
-  config = _config(f"folder:{image_folder}", batch=6)
   batch = _batches(input_pipeline.train_dataset(config), 1)[0]
   names = {tokenizer.decode(t) for t in batch["tokens"]}
   assert names <= {f"a photo of a {c} ." for c in source.classnames}
@@ -466,18 +488,22 @@ def test_image_folder_source(image_folder):
 def test_tfds_sources():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=10):
-    labelled = sources.tfds_source("cifar10", "train", label_key="label")
+    labelled = tfds_source.tfds_source("cifar10", "train", label_key="label")
     assert labelled.classnames is not None
-    batch = next(input_pipeline.eval_dataset(labelled, SIZE, 4).as_numpy_iterator())
+    data = eval_data.parse("tfds:cifar10:train", eval_data.LABELS)
+    batch = next(eval_data.classification_data(data, _config("tfds:cifar10:train"), 4)
+                 .as_numpy_iterator())
     assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["label"].shape == (4,)
+    first = records.unpack(next(labelled.eval_records().as_numpy_iterator()))
+    assert first.label == batch["label"][0]
     name = labelled.classnames[batch["label"][0]]
-    assert batch["captions"][0, 0].decode() == f"a photo of a {name}."
+    assert first.texts[0].decode() == f"a photo of a {name}."
     # A captioned dataset, with a second text field as the long caption.
     config = _config("tfds:laion400m/images:train?text=caption&long_text=url", batch=4)
     full = _resume_matches(config, steps_before=3, steps_after=2)
     assert not np.array_equal(full[0][0]["tokens"], full[0][0]["class_tokens"])
     with pytest.raises(ValueError, match="captions/text"):
-      sources.tfds_source("laion400m/images", "train", text_key="captions/text")
+      tfds_source.tfds_source("laion400m/images", "train", text_key="captions/text")
     with pytest.raises(ValueError, match="training needs captions"):
       input_pipeline.train_dataset(_config("tfds:laion400m/images:train"))
 
@@ -487,10 +513,10 @@ def test_tfds_nested_feature_paths():
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Image(),
       "captions": tfds.features.Sequence({"text": tfds.features.Text()})})
-  assert isinstance(sources._tfds_feature(features, "captions/text", "s", "text"),
+  assert isinstance(tfds_source._tfds_feature(features, "captions/text", "s", "text"),
                     tfds.features.Text)
   with pytest.raises(ValueError, match="captions/txt"):
-    sources._tfds_feature(features, "captions/txt", "s", "text")
+    tfds_source._tfds_feature(features, "captions/txt", "s", "text")
 
 
 def test_demo_source_resumes_from_examples_seen():
@@ -499,7 +525,7 @@ def test_demo_source_resumes_from_examples_seen():
   again = _batches(input_pipeline.train_dataset(config, start=4), 1)
   np.testing.assert_array_equal(first[1]["image"], again[0]["image"])
   assert first[0]["_position"].shape == (4, 4)
-  assert input_pipeline.position_shape(config, 1) == (1, 1, 2)
+  assert position.position_shape(config, 1) == (1, 1, 2)
 
 
 def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(damaged_shards):
@@ -512,8 +538,8 @@ def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(dam
   ds = input_pipeline.train_dataset(config)
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
                                               sharding.batch_sharding(mesh))
-  step = jax.jit(lambda table, batch: input_pipeline.advance_position(table, batch["_position"]))
-  table = input_pipeline.initial_position(config)
+  step = jax.jit(lambda table, batch: position.advance_position(table, batch["_position"]))
+  table = position.initial_position(config)
   for _ in range(3):
     batch = next(batches)
     assert isinstance(batch["image"], jax.Array) and batch["image"].dtype == np.float32
@@ -531,7 +557,7 @@ def _consume(config, start, table, origin, processes, steps):
   per = [_batches(input_pipeline.train_dataset(
       config, start=start, position=np.asarray(table), origin=origin, process_index=p,
       process_count=processes, with_keys=True), steps) for p in range(processes)]
-  advance = jax.jit(input_pipeline.advance_position)
+  advance = jax.jit(position.advance_position)
   tables = [np.asarray(table)]
   for step in range(steps):
     tables.append(np.asarray(advance(tables[-1], np.concatenate(
@@ -547,7 +573,7 @@ def test_demo_data_resumes_exactly_with_another_process_count():
   for step in range(2):  # process p's rows are rows [2p, 2p + 2) of the global batch
     np.testing.assert_array_equal(
         one[step]["image"], np.concatenate([two[p][step]["image"] for p in range(2)]))
-  table, origin = input_pipeline.resume_position(  # the default policy: demo needs none
+  table, origin = position.resume_position(  # the default policy: demo needs none
       config, np.ones((2, 1, 2)), np.zeros((1, 2)), process_count=1)
   assert table.shape == (1, 1, 2) and not table.any() and origin.shape == (1, 2)
 
@@ -556,15 +582,15 @@ def test_restart_after_a_process_count_change_skips_nothing_and_resumes_exactly(
     damaged_shards):
   spec, _, _ = damaged_shards
   config = _config(spec)  # 7 shards (5 with good records), groups of 2, batch 4
-  seed, num = input_pipeline.data_seed(config), 7
+  seed, num = position.data_seed(config), 7
   origin = np.zeros((1, 2), np.int32)
-  before, tables = _consume(config, 0, input_pipeline.initial_position(config, 2), origin, 2, 9)
+  before, tables = _consume(config, 0, position.initial_position(config, 2), origin, 2, 9)
   old_table = tables[-1]  # process 0 in its group 2, process 1 in its group 2 too
   with pytest.raises(ValueError, match="on_process_count_change='restart'"):
-    input_pipeline.resume_position(config, old_table, origin, process_count=1)
+    position.resume_position(config, old_table, origin, process_count=1)
 
   config.input.on_process_count_change = "restart"
-  table, new_origin = input_pipeline.resume_position(config, old_table, origin, process_count=1)
+  table, new_origin = position.resume_position(config, old_table, origin, process_count=1)
   restart = int(new_origin[0, 0]) * num + int(new_origin[0, 1])
   assert restart == 8  # epoch 1, item 1: old process 0's group 2 starts there
   # The documented rule: old process p's items (global p + 2j) of groups before its current
@@ -576,7 +602,7 @@ def test_restart_after_a_process_count_change_skips_nothing_and_resumes_exactly(
              for j in range(old_table[p, 0, 0] * k_old + k_old * (old_table[p, 0, 1] > 0))]
   assert restart == min(set(range(max(started) + 2)) - set(finished))
   repeated_items = [i for i in started if i >= restart]
-  assert input_pipeline.build_sources(config)[0].restart_positions(
+  assert sources.build_sources(config)[0].restart_positions(
       old_table[:, 0], origin[0], 1, 2)[2] == len(repeated_items)
   assert table.shape == (1, 1, 2) and not table.any()
 
@@ -586,7 +612,7 @@ def test_restart_after_a_process_count_change_skips_nothing_and_resumes_exactly(
   complete = int(max(b["_position"][:, 2].max() for b in after[0]))
   end = restart + 2 * complete
   assert end > max(started)  # the window covers everything the old processes opened
-  sequence = sources.process_items(num, seed, 0, 0, 1, 0, end)
+  sequence = position.process_items(num, seed, 0, 0, 1, 0, end)
 
   def records(shard_items):
     return collections.Counter(k for s in shard_items for k in good_by_shard[s])
@@ -613,12 +639,12 @@ def test_restart_of_an_image_folder_is_file_exact(image_folder):
   """Folder files are read in order: 2 -> 1 processes repeats nothing and skips nothing."""
   config = _config(f"folder:{image_folder}", batch=4, on_process_count_change="restart")
   origin = np.zeros((1, 2), np.int32)
-  before, tables = _consume(config, 0, input_pipeline.initial_position(config, 2), origin, 2, 4)
-  table, new_origin = input_pipeline.resume_position(config, tables[-1], origin, 1)
+  before, tables = _consume(config, 0, position.initial_position(config, 2), origin, 2, 4)
+  table, new_origin = position.resume_position(config, tables[-1], origin, 1)
   assert new_origin.tolist() == [[1, 4]]  # 16 files read of 12 per epoch
   after, _ = _consume(config, 16, table, new_origin, 1, 3)
-  source = input_pipeline.build_sources(config)[0]
-  order = source.files[sources.process_items(12, 0, 0, 0, 1, 0, 28)]
+  source = sources.build_sources(config)[0]
+  order = source.files[position.process_items(12, 0, 0, 0, 1, 0, 28)]
   got = [None] * 16
   for p in range(2):
     for i, key in enumerate(_keys(before[p])):
@@ -628,6 +654,6 @@ def test_restart_of_an_image_folder_is_file_exact(image_folder):
 
 def test_tfds_restart_starts_at_the_least_advanced_epoch():
   rows = np.array([[3, 5], [2, 7], [4, 0]])
-  origin, new_rows, repeated = sources.TfdsSource.restart_positions(None, rows, (0, 0), 2, 8)
+  origin, new_rows, repeated = tfds_source.TfdsSource.restart_positions(None, rows, (0, 0), 2, 8)
   assert new_rows.tolist() == [[2, 0], [2, 0]] and tuple(origin) == (0, 0)
   assert repeated == 2 + 1 + 2  # epochs 2-3 of process 0, 2 of process 1, 2-3 of process 2

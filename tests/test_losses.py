@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from superclip_jax import losses
+from superclip_jax.counts import ExactCount, IdfCounts
 from tests import np_reference as ref
 
 
@@ -76,10 +77,10 @@ def test_idf_class_loss_matches_numpy_and_zero_rows_contribute_zero():
 
 def test_exact_count_is_exact_beyond_2_pow_40():
   start = 2**40 - 5
-  count = losses.ExactCount(jnp.array([start & 0xFFFFFFFF], jnp.uint32),
+  count = ExactCount(jnp.array([start & 0xFFFFFFFF], jnp.uint32),
                             jnp.array([start >> 32], jnp.uint32))
   increments = [3, 4, 2**31 - 1, 16384, 2**32 - 1, 1]
-  add = jax.jit(losses.ExactCount.add)
+  add = jax.jit(ExactCount.add)
   for inc in increments:
     count = add(count, jnp.array([inc], jnp.uint32))
   expected = start + sum(increments)
@@ -91,10 +92,10 @@ def test_exact_count_is_exact_beyond_2_pow_40():
 def test_idf_counts_match_running_document_frequencies():
   rng = np.random.default_rng(1)
   vocab, batch = 50, 8
-  counts = losses.IdfCounts.zeros(vocab)
+  counts = IdfCounts.zeros(vocab)
   df = np.zeros(vocab)
   docs = 0
-  update = jax.jit(losses.IdfCounts.update)
+  update = jax.jit(IdfCounts.update)
   for _ in range(5):
     targets = (rng.random((batch, vocab)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # a token in every caption, like SOT/EOT
@@ -114,7 +115,7 @@ def test_idf_equals_official_running_mean_formula():
   rng = np.random.default_rng(2)
   batch, vocab, steps = 16, 30, 7
   cap_fq = np.zeros(vocab)
-  counts = losses.IdfCounts.zeros(vocab)
+  counts = IdfCounts.zeros(vocab)
   for _ in range(steps):
     t = (rng.random((batch, vocab)) < 0.25).astype(np.float32)
     cap_fq += t.mean(0)
@@ -127,10 +128,10 @@ def test_idf_counts_near_2_pow_40_give_accurate_weights():
   vocab = 4
   docs = 2**40 + 12345
   df = np.array([docs, 2**35 + 7, 1000, 0])
-  counts = losses.IdfCounts(
-      losses.ExactCount(jnp.asarray(df & 0xFFFFFFFF, jnp.uint32),
+  counts = IdfCounts(
+      ExactCount(jnp.asarray(df & 0xFFFFFFFF, jnp.uint32),
                         jnp.asarray(df >> 32, jnp.uint32)),
-      losses.ExactCount(jnp.uint32(docs & 0xFFFFFFFF), jnp.uint32(docs >> 32)))
+      ExactCount(jnp.uint32(docs & 0xFFFFFFFF), jnp.uint32(docs >> 32)))
   targets = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], np.float32)
   counts = counts.update(jnp.asarray(targets))
   df = df + targets.sum(0).astype(int)

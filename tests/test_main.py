@@ -39,19 +39,45 @@ def test_demo_entry_point_runs_logs_evaluates_and_resumes(tmp_path):
   train_recs = [x for x in recs if "loss" in x]
   assert [x["step"] for x in train_recs] == [2, 4]
   assert {"class_loss", "contrastive_loss", "lr", "logit_scale"} <= set(train_recs[-1])
+  # Throughput in every record, and what the step costs in the first one.
+  perf = {"img_per_sec_per_device", "step_time", "tflops_per_device", "mfu",
+          "data_wait_fraction"}
+  assert all(perf <= set(x) for x in train_recs)
+  first, last = train_recs[0], train_recs[-1]
+  assert {"peak_memory_bytes", "compile_seconds", "flops_per_step"} <= set(first)
+  assert "compile_seconds" not in last and first["peak_memory_bytes"] > 0
+  assert last["img_per_sec_per_device"] * last["step_time"] == pytest.approx(16)  # 1 device
+  assert last["tflops_per_device"] == pytest.approx(
+      first["flops_per_step"] / last["step_time"] / 1e12)
+  assert last["mfu"] == pytest.approx(last["tflops_per_device"]
+                                      / first["peak_tflops_per_device"])
+  assert 0 <= last["data_wait_fraction"] <= 1 and "MFU " in r.stdout
   zs = [x for x in recs if any("zeroshot" in k for k in x)]
   assert zs and 0.0 <= zs[-1]["zeroshot/colour_top1"] <= 1.0
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   assert checkpoint.Checkpointer(wd, checkpoint.read_config(wd)).latest_step() == 4
+  # The versions in use: printed once at start-up and kept beside the config.
+  import flax
+  import jaxlib
+  with open(os.path.join(wd, "versions.json")) as f:
+    used = json.load(f)
+  assert (used["jax"], used["jaxlib"], used["flax"]) == (
+      jax.__version__, jaxlib.__version__, flax.__version__)
+  assert used["python"] == "%d.%d.%d" % sys.version_info[:3] and used["backend"] == "cpu"
+  assert r.stdout.count(f"jax {jax.__version__} |") == 1
 
   # Same workdir, longer run: resumes at step 5 instead of starting over. It also runs with
   # the opt-in malloc settings (a restart of the process at start-up; docs/training.md).
   tuned = host_malloc.supported()
   env = dict(os.environ, **({host_malloc.OPT_IN: "tuned"} if tuned else {}))
   r = _run_main(wd, "--config.total_steps=6", "--config.ckpt_steps=2",
-                "--config.evals.zeroshot.every_steps=100", "--verbosity=0", env=env)
+                "--config.evals.zeroshot.every_steps=100", "--verbosity=0",
+                "--config.profile_steps=(5, 6)", env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "step 6/6" in r.stdout and "step 2/6" not in r.stdout
+  traces = [f for _, _, files in os.walk(os.path.join(wd, "profile")) for f in files
+            if f.endswith(".xplane.pb")]
+  assert traces, "config.profile_steps wrote no jax.profiler trace"
   assert ("glibc malloc tuned for XLA:CPU" in r.stderr) == tuned
 
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from superclip_jax.data import input_pipeline, sources, webdataset
+from superclip_jax import config_lib
+from superclip_jax.data import webdataset
+from superclip_jax.evaluators import eval_data
 from superclip_jax.tools import make_shards
 
 
@@ -49,9 +51,11 @@ def test_folder_to_shards_and_back(folder, tmp_path, capsys):
   assert meta["label"] == 1 and meta["class"] == "tabby" and sidecar["cls"] == b"1"
   spec = make_shards.shard_spec(paths)
   assert spec == f"wds:{out}/{{00000..00002}}.tar"
-  source = sources.from_spec(spec + "?label=cls")
-  labels = np.concatenate([b["label"] for b in input_pipeline.eval_dataset(
-      source, 16, 4).as_numpy_iterator()])
+  config = config_lib.base_config()
+  config.model.image_size = 16
+  data = eval_data.parse(spec + "?label=cls", eval_data.LABELS)
+  labels = np.concatenate([b["label"] for b in eval_data.classification_data(
+      data, config, 4).as_numpy_iterator()])
   assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 1]
 
 

@@ -29,14 +29,19 @@ def _cmd(workdir):
           f"--workdir={workdir}", *FLAGS]
 
 
+# Timings, and what each (re)start measures once: they differ between runs by nature.
+MEASURED = ("step_time", "img_per_sec", "eta_sec", "img_per_sec_per_device", "tflops_per_device",
+            "mfu", "data_wait_fraction", "flops_per_step", "peak_tflops_per_device",
+            "peak_memory_bytes")
+
+
 def _last_record_per_step(workdir):
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       rec = json.loads(line)
       key = (rec["step"], "loss" in rec)
-      out[key] = {k: v for k, v in rec.items()
-                  if k not in ("step_time", "img_per_sec", "eta_sec") and not k.endswith("seconds")}
+      out[key] = {k: v for k, v in rec.items() if k not in MEASURED and not k.endswith("seconds")}
   return out
 
 

@@ -3,10 +3,9 @@ rematerialisation, measured on the compiled train step (deterministic compiler o
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from superclip_jax import config_lib, models, sharding, train, train_state
+from superclip_jax import config_lib, models, scan_layout, sharding, train_state, train_step
 from tests.test_models import _inputs, _tiny
 from tests.test_scan import assert_trees_close, model_loss
 from tests.test_train import tiny_config
@@ -16,7 +15,7 @@ from tests.test_train import tiny_config
 def test_gradients_do_not_depend_on_the_policy(scan_layers):
   model, params = _tiny()
   if scan_layers:
-    model, params = model.clone(scan_layers=True), models.stack_layers(params)
+    model, params = model.clone(scan_layers=True), scan_layout.stack_layers(params)
   images, tokens = _inputs()
   grads = {}
   for policy in ("none", "full", "dots_with_no_batch_dims_saveable"):
@@ -54,7 +53,7 @@ def _compiled_step(remat_policy, scan_layers):
                       remat_policy=remat_policy, scan_layers=scan_layers)
   config.input.batch_size = 16
   factory = train_state.StateFactory(config, sharding.make_mesh(config.mesh))
-  step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule))
+  step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule))
   m, b = config.model, config.input.batch_size
   batch = {"image": jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), jnp.float32),
            "tokens": jax.ShapeDtypeStruct((b, m.context_length), jnp.int32),

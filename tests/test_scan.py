@@ -1,8 +1,8 @@
 """config.model.scan_layers: one nn.scan over each tower's blocks, params stacked [layers, ...].
 
-Given the same weights (`models.stack_layers`), the scanned model must compute what the unrolled
-one does: forward outputs, gradients, a train step, the weight-decay mask, shardings, exports
-and imports.
+Given the same weights (`scan_layout.stack_layers`), the scanned model must compute what the
+unrolled one does: forward outputs, gradients, a train step, the weight-decay mask, shardings,
+exports and imports.
 """
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from superclip_jax import checkpoint, config_lib, convert, export, inference, losses, models
-from superclip_jax import optim, param_rules, sharding, train, train_state
+from superclip_jax import optim, param_rules, scan_layout, sharding, train_state, train_step
 from tests import test_export
 from tests.test_models import _count, _inputs, _tiny
 from tests.test_train import fixed_batch, tiny_config
@@ -48,7 +48,7 @@ def test_forward_matches_unrolled(mode, remat_policy):
   images, tokens = _inputs()
   run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, images, tokens))(p)
   want = run(model, params)
-  got = run(scanned(model), models.stack_layers(params))
+  got = run(scanned(model), scan_layout.stack_layers(params))
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
@@ -56,7 +56,7 @@ def test_forward_matches_unrolled(mode, remat_policy):
 
 def test_scanned_text_tower_is_causal():
   model, params = _tiny()
-  model, params = scanned(model), models.stack_layers(params)
+  model, params = scanned(model), scan_layout.stack_layers(params)
   _, tokens = _inputs()
   z = model.apply({"params": params}, tokens, method="encode_text")
   after = tokens.copy()
@@ -68,13 +68,14 @@ def test_scanned_text_tower_is_causal():
 def test_stack_unstack_round_trip_is_exact_and_matches_the_scanned_layout():
   model, params = _tiny()
   params = jax.tree.map(np.asarray, params)
-  stacked = models.stack_layers(params)
+  stacked = scan_layout.stack_layers(params)
   assert "resblocks_0" not in stacked["visual"]["transformer"]
   assert stacked["visual"]["transformer"]["resblocks"]["attn"]["in_proj"]["kernel"].shape == (
       2, 64, 192)
   assert isinstance(stacked["text"]["transformer"]["resblocks"]["ln_1"]["scale"], np.ndarray)
-  test_export.assert_params_equal(models.unstack_layers(stacked), params)
-  test_export.assert_params_equal(models.stack_layers(models.unstack_layers(stacked)), stacked)
+  test_export.assert_params_equal(scan_layout.unstack_layers(stacked), params)
+  test_export.assert_params_equal(
+      scan_layout.stack_layers(scan_layout.unstack_layers(stacked)), stacked)
   for i in range(2):  # layer i of the stack is block i
     np.testing.assert_array_equal(
         stacked["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"][i],
@@ -86,10 +87,10 @@ def test_stack_unstack_round_trip_is_exact_and_matches_the_scanned_layout():
           == jax.tree.map(lambda x: (x.shape, x.dtype), stacked))
   # Abstract trees too (what StateFactory.abstract holds).
   abstract = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
-  assert jax.tree.map(lambda x: x.shape, models.stack_layers(abstract)) == jax.tree.map(
+  assert jax.tree.map(lambda x: x.shape, scan_layout.stack_layers(abstract)) == jax.tree.map(
       lambda x: x.shape, own)
   with pytest.raises(ValueError, match="not numbered"):
-    models.stack_layers({"resblocks_0": {"w": np.ones(1)}, "resblocks_2": {"w": np.ones(1)}})
+    scan_layout.stack_layers({"resblocks_0": {"w": np.ones(1)}, "resblocks_2": {"w": np.ones(1)}})
 
 
 def test_parameter_count_is_identical():
@@ -125,8 +126,8 @@ def test_gradients_match_unrolled(remat_policy):
   images, tokens = _inputs()
   grad = lambda m, p: jax.jit(jax.grad(lambda p: model_loss(m, p, images, tokens)))(p)
   want = grad(model, params)
-  got = grad(scanned(model), models.stack_layers(params))
-  assert_trees_close(models.unstack_layers(got), want, rtol=1e-4, atol=1e-6)
+  got = grad(scanned(model), scan_layout.stack_layers(params))
+  assert_trees_close(scan_layout.unstack_layers(got), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("wd_mults", [None, ((".*", 1.0),)])
@@ -141,7 +142,7 @@ def test_weight_decay_mask_is_the_unrolled_mask_stacked(wd_mults):
   config.model.scan_layers = True
   stacked = train_state.StateFactory(config, sharding.make_mesh(config.mesh)).abstract.params
   mask = optim.weight_decay_mask(config, stacked)
-  want = traverse_util.flatten_dict(models.stack_layers(unrolled))
+  want = traverse_util.flatten_dict(scan_layout.stack_layers(unrolled))
   got = traverse_util.flatten_dict(mask)
   assert set(got) == set(want)
   for path, m in got.items():
@@ -169,7 +170,7 @@ def test_fsdp_never_splits_the_layer_axis():
     if any(p.startswith("resblocks_") for p in path):
       key = tuple("resblocks" if p.startswith("resblocks_") else p for p in path)
       per_layer.setdefault(key, set()).add(_padded_spec(s.shape, 8, False))
-  stacked = [path for path in shapes[True] if models.is_stacked("/".join(path))]
+  stacked = [path for path in shapes[True] if scan_layout.is_stacked("/".join(path))]
   assert set(stacked) == set(per_layer) and len(stacked) == 2 * 12
   for path in stacked:
     shape = shapes[True][path].shape
@@ -189,7 +190,7 @@ def test_fsdp_shardings_name_the_optimizer_moments_too():
   config.model.scan_layers = True
   abstract = train_state.StateFactory(config, sharding.make_mesh(config.mesh)).abstract
   names = jax.tree.leaves(param_rules.tree_names(abstract))
-  stacked = [(n, x) for n, x in zip(names, jax.tree.leaves(abstract)) if models.is_stacked(n)]
+  stacked = [(n, x) for n, x in zip(names, jax.tree.leaves(abstract)) if scan_layout.is_stacked(n)]
   assert any("/mu/" in n for n, _ in stacked) and any("/nu/" in n for n, _ in stacked)
   for n, x in stacked:
     # fsdp=2 divides the layer axis (2) and every other dim: never the layer axis.
@@ -205,15 +206,15 @@ def test_one_train_step_matches_unrolled():
   state = unrolled.create()
   config.model.scan_layers = True
   stacked = train_state.StateFactory(config, mesh)
-  state_s = stacked.create(params=models.stack_layers(jax.tree.map(np.asarray, state.params)))
+  state_s = stacked.create(params=scan_layout.stack_layers(jax.tree.map(np.asarray, state.params)))
   results = []
   for f, s in ((unrolled, state), (stacked, state_s)):
-    step = jax.jit(train.make_train_step(f.config, f.model, f.tx, f.schedule))
+    step = jax.jit(train_step.make_train_step(f.config, f.model, f.tx, f.schedule))
     results.append(step(s, batch))
   (new, metrics), (new_s, metrics_s) = results
   for k in metrics:
     np.testing.assert_allclose(metrics_s[k], metrics[k], rtol=1e-5, err_msg=k)
-  got, want = jax.tree.map(np.array, (models.unstack_layers(new_s.params), new.params))
+  got, want = jax.tree.map(np.array, (scan_layout.unstack_layers(new_s.params), new.params))
   # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, rounding differences
   # in g show up magnified (an update is at most lr), so params are compared within lr / 100.
   # The key part of the in_proj bias has an exactly zero gradient (softmax ignores a constant
@@ -246,7 +247,7 @@ def weights():
 def test_export_of_scanned_equals_unrolled(weights, fmt):
   model, params = weights
   want = export.export_files(params, model, fmt)
-  got = export.export_files(models.stack_layers(params), scanned(model), fmt)
+  got = export.export_files(scan_layout.stack_layers(params), scanned(model), fmt)
   assert set(got) == set(want)
   for name, content in want.items():
     if isinstance(content, str):
@@ -267,14 +268,14 @@ def test_import_into_scanned_is_the_unrolled_import_stacked(weights, fmt):
     state_dict = getattr(convert, f"to_{fmt}")(params, model)
   want = convert.from_layout(state_dict, model, fmt)
   got = convert.from_layout(state_dict, scanned(model), fmt)
-  test_export.assert_params_equal(got, models.stack_layers(want))
+  test_export.assert_params_equal(got, scan_layout.stack_layers(want))
 
 
 def test_scanned_export_loads_in_openclip(weights, tmp_path):
   pytest.importorskip("open_clip")
   model, params = weights
   case = test_export.Case.__new__(test_export.Case)
-  case.name, case.model, case.params = "mu8-scan", scanned(model), models.stack_layers(params)
+  case.name, case.model, case.params = "mu8-scan", scanned(model), scan_layout.stack_layers(params)
   case.images, case.tokens = test_export.make_inputs(model)
   case.ref = test_export.jax_reference(case.model, case.params, case.images, case.tokens)
   export.write_export(case.params, case.model, "openclip", tmp_path)
@@ -284,10 +285,10 @@ def test_scanned_export_loads_in_openclip(weights, tmp_path):
 def test_init_from_torch_into_scanned(weights, tmp_path):
   model, params = weights
   export.write_export(params, model, "superclip", tmp_path)
-  init = models.stack_layers(jax.tree.map(np.zeros_like, params))
+  init = scan_layout.stack_layers(jax.tree.map(np.zeros_like, params))
   got = convert.load_torch_checkpoint(tmp_path / "superclip_model.safetensors", scanned(model),
                                       init)
-  test_export.assert_params_equal(got, models.stack_layers(params))
+  test_export.assert_params_equal(got, scan_layout.stack_layers(params))
 
 
 def test_scanned_checkpoint_exports_and_serves(tmp_path):
@@ -307,7 +308,7 @@ def test_scanned_checkpoint_exports_and_serves(tmp_path):
   assert params["visual"]["transformer"]["resblocks"]["ln_1"]["scale"].shape == (2, 64)
   model = models.model_from_config(cfg.model, dtype=jnp.float32)
   got = convert.to_openclip(params, model)
-  want = convert.to_openclip(models.unstack_layers(params), model.clone(scan_layers=False))
+  want = convert.to_openclip(scan_layout.unstack_layers(params), model.clone(scan_layers=False))
   assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
   served = inference.load(str(tmp_path), dtype="float32")
   images, tokens = _inputs()

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from superclip_jax import checkpoint, config_lib, optim, sharding, train, train_state
+from superclip_jax import checkpoint, config_lib, optim, sharding, train_state, train_step
 
 
 def tiny_config(mode="superclip", **overrides):
@@ -41,7 +41,7 @@ def fixed_batch(config, seed=0):
 def _setup(config):
   mesh = sharding.make_mesh(config.mesh)
   factory = train_state.StateFactory(config, mesh)
-  step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule))
+  step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule))
   return factory, step
 
 
@@ -169,7 +169,7 @@ def test_train_step_updates_optimizer_state_in_place(mode):
   config = tiny_config(mode)
   mesh = sharding.make_mesh(config.mesh)
   factory = train_state.StateFactory(config, mesh)
-  step = jax.jit(train.make_train_step(config, factory.model, factory.tx, factory.schedule),
+  step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule),
                  donate_argnums=0)
   hlo = step.lower(factory.create(), fixed_batch(config)).compile().as_text()
   state_copies = re.findall(r"= \S+ copy\((%?state_(?:params|opt_state)\S*)\)", hlo)
@@ -199,7 +199,8 @@ def test_checkpoint_save_restore_gives_identical_state(tmp_path):
   assert float(m1["loss"]) == float(m2["loss"])
   cfg, params, idf = checkpoint.load_params(str(tmp_path))
   assert cfg.model.variant == "mu/8"
-  np.testing.assert_array_equal(params["visual"]["proj"], np.asarray(state.params["visual"]["proj"]))
+  np.testing.assert_array_equal(params["visual"]["proj"],
+                                np.asarray(state.params["visual"]["proj"]))
   assert idf["num_docs"] == 3 * config.input.batch_size
 
 

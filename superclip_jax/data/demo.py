@@ -10,10 +10,16 @@ produced directly: resuming is exact and each host can render its own slice.
 
 Held-out splits ('zeroshot', 'retrieval') use a different stream from 'train'. Zero-shot tasks
 ask for the main object's colour, shape or position.
+
+As tf.data: `train_rows` (training: this process's rows of each global batch, from any
+example on) and `eval_examples` (evaluation); both render through `tf_batch`.
 """
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
+
+from superclip_jax.data import position, transforms
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -144,3 +150,56 @@ def batch(seed: int, split: str, indices, image_size: int) -> dict:
   out["shape"] = out["shape"].astype(np.int32)
   out["position"] = out["position"].astype(np.int32)
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# As tf.data.
+
+def tf_batch(seed: int, split: str, indices, image_size: int,
+             fields: tuple[str, ...]) -> dict:
+  """`batch` as a TensorFlow op: indices int64 [n] -> {'image': uint8 [n, S, S, 3], and each
+  of `fields` (caption, long_caption: string [n]; colour, shape, position: int32 [n])}."""
+  types = {"caption": tf.string, "long_caption": tf.string, "colour": tf.int32,
+           "shape": tf.int32, "position": tf.int32}
+
+  def render(idx):
+    b = batch(seed, split, idx, image_size)
+    return (b["image"], *(b[f] for f in fields))
+
+  image, *values = tf.numpy_function(render, [indices], [tf.uint8, *(types[f] for f in fields)],
+                                     stateful=False)
+  image.set_shape([None, image_size, image_size, 3])
+  n = tf.shape(indices)[0]
+  return {"image": image, **{f: tf.reshape(v, [n]) for f, v in zip(fields, values)}}
+
+
+def train_rows(config, start: int, process_index: int, process_count: int) -> tf.data.Dataset:
+  """This process's rows of the global training batches from global example `start` on:
+  image uint8 [b, S, S, 3], caption and long_caption string [b], _position int32 [b, 4]."""
+  global_batch = config.input.batch_size
+  local = position.local_batch_size(global_batch, process_count)
+  first = start + process_index * local
+  # Batch k holds global rows [start + k*B, start + (k+1)*B); this process takes its slice.
+  rows = tf.data.Dataset.range(first, np.iinfo(np.int64).max, global_batch).map(
+      lambda i: tf.range(i, i + local))
+
+  def render(idx):
+    b = tf_batch(config.input.demo.seed, "train", idx, config.model.image_size,
+                 ("caption", "long_caption"))
+    # The demo resumes from examples_seen; its position rows are unused.
+    return {**b, "_position": tf.tile([[process_index, 0, 0, 0]], [tf.shape(idx)[0], 1])}
+
+  return rows.map(render, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def eval_examples(config, split: str, start: int, stop: int,
+                  fields: tuple[str, ...]) -> tf.data.Dataset:
+  """Examples start..stop-1 of a demo split at the model's size, unbatched: image float32
+  [S, S, 3] (CLIP-normalised), bad bool (always False), and each of `fields`."""
+  def to_examples(indices):
+    b = tf_batch(config.input.demo.seed, split, indices, config.model.image_size, fields)
+    return {"image": transforms.normalize(b["image"]),
+            "bad": tf.zeros([tf.shape(b["image"])[0]], bool), **{f: b[f] for f in fields}}
+
+  ds = tf.data.Dataset.range(start, stop).batch(64)
+  return ds.map(to_examples, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()

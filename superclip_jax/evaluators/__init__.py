@@ -7,25 +7,24 @@
 The key is the eval's name: its metrics are logged as '{name}/{metric}' (e.g.
 'zeroshot_imagenet/top1'). `type` picks the evaluator (default: the name itself);
 `every_steps` runs it every that many steps (0: only after the last step; the standalone
-`python -m superclip_jax.evaluate` runs every configured eval). The remaining fields belong to
-the evaluator: see each module's docstring and docs/evaluation.md.
+`python -m superclip_jax.evaluate` runs every configured eval). The remaining fields are the
+keyword-only arguments of the evaluator's constructor, whose signature lists them with their
+defaults (`common.from_config`); data is named with spec strings (`eval_data`).
 
-An evaluator is a class taking (eval_config, config, model, mesh) whose `run(params)` returns
-{metric_name: float}. To add one, write a module next to these (use `common.BatchedFn` for the
-batched, padded, multi-host inference and `eval_data` for the data) and register its class in
-`REGISTRY`.
+An evaluator is a class `Evaluator(config, model, mesh, *, fields...)` whose `run(params)`
+returns {metric_name: float}; `needs_text` says whether it needs a text tower. To add one,
+see docs/evaluation.md ("Adding an evaluator").
 """
 from __future__ import annotations
 
-from superclip_jax.evaluators import linear_probe, retrieval, zeroshot
+from superclip_jax import models
+from superclip_jax.evaluators import common, linear_probe, retrieval, zeroshot
 
 REGISTRY = {
     "zeroshot": zeroshot.ZeroShotEvaluator,
     "retrieval": retrieval.RetrievalEvaluator,
     "linear_probe": linear_probe.LinearProbeEvaluator,
 }
-# Evaluators that need a text tower (model.mode 'superclass' has none).
-NEEDS_TEXT = ("zeroshot", "retrieval")
 
 
 def build(config, model, mesh, names=None) -> list:
@@ -42,12 +41,13 @@ def build(config, model, mesh, names=None) -> list:
     if kind not in REGISTRY:
       raise ValueError(f"config.evals.{name}: unknown evaluator type {kind!r}; "
                        f"available: {sorted(REGISTRY)}")
-    if config.model.mode == "superclass" and kind in NEEDS_TEXT:
+    cls = REGISTRY[kind]
+    if cls.needs_text and not models.has_text(config.model.mode):
       raise ValueError(f"config.evals.{name}: {kind} needs a text tower, which "
-                       "model.mode='superclass' does not have; remove it from config.evals "
-                       "(linear_probe works without one)")
+                       f"model.mode={config.model.mode!r} does not have; remove it from "
+                       "config.evals (linear_probe works without one)")
     try:
-      evaluator = REGISTRY[kind](ev, config, model, mesh)
+      evaluator = common.from_config(cls, ev, config, model, mesh)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise type(e)(f"config.evals.{name}: {e}") from e
     out.append((name, int(ev.get("every_steps", 0)), evaluator))

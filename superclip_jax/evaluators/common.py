@@ -16,9 +16,15 @@ How an evaluation flows, on one host or many:
 Ranks and ties: `rank_of_true` counts the competitors that score at least as high as the true
 one, so a tie counts against the model (a model that scores everything equally gets no hit)
 and a NaN score is never a hit.
+
+Fields: an evaluator's constructor is `__init__(self, config, model, mesh, *, field=default,
+...)`; its keyword-only signature is the list of the fields an eval may set, with their
+defaults. `from_config` strips the keys every eval shares (`SHARED_FIELDS`) and calls it.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -30,6 +36,33 @@ from superclip_jax import sharding
 
 # Keys `BatchedFn` adds to every batch: validity, position in the process's slice, process.
 VALID, POSITION, PROCESS = "_valid", "_position", "_process"
+# Keys of an eval's config that `evaluators.build` reads, not the evaluator.
+SHARED_FIELDS = ("type", "every_steps")
+
+
+def fields_of(cls) -> dict:
+  """{field: default} of an evaluator class: its constructor's keyword-only parameters."""
+  return {p.name: p.default for p in inspect.signature(cls).parameters.values()
+          if p.kind == p.KEYWORD_ONLY}
+
+
+def from_config(cls, eval_config, config, model, mesh):
+  """`cls(config, model, mesh, **fields)`: the eval's config without the shared keys.
+
+  A field the constructor does not take is a ValueError naming the evaluator, the field (with
+  the closest known one) and every field it knows, instead of a bare TypeError.
+  """
+  fields = {k: v for k, v in dict(eval_config).items() if k not in SHARED_FIELDS}
+  known = fields_of(cls)
+  unknown = [k for k in fields if k not in known]
+  if unknown:
+    named = []
+    for k in unknown:
+      close = difflib.get_close_matches(k, known, n=1)
+      named.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"{cls.__name__} has no field {', '.join(named)}; its fields: "
+                     f"{', '.join(known)} (and {', '.join(SHARED_FIELDS)})")
+  return cls(config, model, mesh, **fields)
 
 
 def host_slice(num_examples: int, process_index: int | None = None,

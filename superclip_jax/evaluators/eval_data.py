@@ -1,24 +1,28 @@
 """Eval data: this process's share of a labelled image set or an image-text set, as tf.data.
 
-An eval's `data` field picks the source (fields in parentheses are optional):
+An eval names its data (`data`, `train_data`, `test_data`) with a spec string, as training
+does (docs/data.md), plus two kinds only evaluations read:
 
-  'demo' or dict(source='demo', (split))        the built-in demo's held-out splits
-  dict(source='tfds', name, split, (data_dir, image_key='image', label_key='label',
-       captions_key='captions/text'))            any TFDS dataset (imagenet2012, cifar10,
-                                                 coco_captions, ...); '/' enters nested features
-  dict(source='image_folder', path)             one sub-folder per class, classes in sorted
-                                                 order: the ILSVRC val layout of the official
-                                                 code (torchvision `ImageFolder`)
-  dict(source='karpathy_json', path, image_dir, (split='test'))
-                                                 Karpathy's dataset_{coco,flickr30k}.json: the
-                                                 COCO 5k and Flickr30k 1k test splits
-  dict(source='spec', spec)                     any input-pipeline data spec, e.g.
-                                                 'wds:/data/val/{000..009}.tar?text=txt' (image-
-                                                 text) or '...?label=cls' (labelled)
+  'tfds:NAME:SPLIT'      any TFDS dataset (imagenet2012, cifar10, coco_captions, ...); reads
+                         the features 'image' and 'label' (classification) or 'captions/text'
+                         (retrieval) unless ?image= / ?label= / ?text= say otherwise; ?data_dir=
+  'folder:PATH'          one sub-folder per class, classes in sorted order: the ILSVRC val
+                         layout of the official code (torchvision `ImageFolder`); labels only
+  'wds:PATTERN', 'tfrecord:PATTERN'
+                         shards with captions ('txt' unless ?text=); classification needs
+                         ?label= (e.g. 'wds:/data/val/{000..009}.tar?label=cls')
+  'demo' or 'demo:SPLIT' the built-in demo's splits (default: 'zeroshot' for labels,
+                         'retrieval' for captions)
+  'karpathy:JSON?image_dir=DIR(&split=test)'
+                         Karpathy's dataset_{coco,flickr30k}.json: the COCO 5k and Flickr30k
+                         1k test splits; captions only
 
-TFDS datasets, image folders and specs are read by the input pipeline's sources
-(`data.sources`, `Source.eval_records`), which give each process its own part of the records;
-the demo and Karpathy lists are split here into contiguous shares (`common.host_slice`).
+`parse` checks a string when the evaluator is built, against what the evaluator needs
+(LABELS or CAPTIONS), so a wrong name fails before training starts.
+
+TFDS datasets, image folders and shards are read by the input pipeline's sources
+(`Source.eval_records`), which give each process its own part of the records; the demo and
+Karpathy lists are split here into contiguous shares (`common.host_slice`).
 Images are decoded and transformed on the host CPU by the input pipeline's eval transform
 (`data.transforms.eval_record`: PIL, shortest side to the model's image size, bicubic, centre
 crop — OpenCLIP's eval preprocessing pixel for pixel), then CLIP-normalised, and batched to
@@ -30,80 +34,154 @@ evaluators report how many there were (`num_bad_images`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import urllib.parse
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 import tensorflow as tf
 
 from superclip_jax import tokenizer
-from superclip_jax.data import demo, sources, transforms
+from superclip_jax.data import demo, records, sources, transforms
+from superclip_jax.data import spec as data_spec
 from superclip_jax.evaluators import common
 
-# Each source and the fields it needs.
-SOURCES = {"demo": (), "tfds": ("name", "split"), "image_folder": ("path",),
-           "karpathy_json": ("path", "image_dir"), "spec": ("spec",)}
+# What an evaluator needs from its data.
+LABELS, CAPTIONS = "labels", "captions"
+_DEMO_SPLITS = {LABELS: "zeroshot", CAPTIONS: "retrieval"}  # 'demo' without a split
+_KARPATHY_OPTIONS = ("image_dir", "split")
+_EXAMPLES = ("'tfds:imagenet2012:validation', 'folder:/data/imagenet/val', "
+             "'karpathy:/data/dataset_flickr30k.json?image_dir=/data/flickr30k-images' or 'demo'")
 
 
-def as_dict(data) -> dict:
-  """An eval's `data` field (a source name or a mapping) as a validated dict with `source`."""
-  data = {"source": data} if isinstance(data, str) else dict(data)
-  source = data.get("source")
-  if source not in SOURCES:
-    raise ValueError(f"eval data source {source!r}: use one of {tuple(SOURCES)} "
-                     f"(e.g. data=dict(source='tfds', name='imagenet2012', split='validation'))")
-  missing = [k for k in SOURCES[source] if not data.get(k)]
-  if missing:
-    raise ValueError(f"eval data {data}: source={source!r} needs {missing}")
-  return data
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A parsed eval data string: `kind` is 'demo', 'karpathy' or a data-source kind (tfds,
+  folder, wds, tfrecord); `location` the demo split, Karpathy's JSON or the source's location;
+  `options` what follows '?'."""
+  spec: str
+  kind: str
+  location: str
+  options: dict
 
 
-def classification_data(data, config, local_batch: int,
+# The dict form that configs written before spec strings hold (a workdir's config.json):
+# source -> (spec kind, the field giving the location, {old field: spec option}).
+_LEGACY = {"demo": ("demo", "split", {}),
+           "tfds": ("tfds", None, {"data_dir": "data_dir", "image_key": "image",
+                                   "label_key": "label", "captions_key": "text"}),
+           "image_folder": ("folder", "path", {}),
+           "karpathy_json": ("karpathy", "path", {"image_dir": "image_dir", "split": "split"}),
+           "spec": (None, "spec", {})}
+
+
+def legacy_spec(data) -> str:
+  """The spec string of an old-style dict(source=..., ...) eval data field."""
+  data = dict(data)
+  source = data.pop("source", None)
+  if source not in _LEGACY:
+    raise ValueError(f"eval data {data!r}: name it with a spec string, e.g. {_EXAMPLES} "
+                     "(docs/evaluation.md)")
+  kind, location_field, option_names = _LEGACY[source]
+  if kind is None:
+    return data.pop("spec")
+  location = (f"{data.pop('name', '')}:{data.pop('split', '')}" if kind == "tfds"
+              else data.pop(location_field, None) or "")
+  options = {option_names[k]: v for k, v in data.items() if k in option_names and v}
+  unknown = set(data) - set(option_names)
+  if unknown:
+    raise ValueError(f"eval data dict(source={source!r}): unknown field(s) {sorted(unknown)}")
+  spec = f"{kind}:{location}" if location else kind
+  return spec + ("?" + urllib.parse.urlencode(options, safe="/{}.,*") if options else "")
+
+
+def parse(data: str, needs: str) -> DataSpec:
+  """An eval's data string, checked against what the evaluator `needs` (LABELS or CAPTIONS).
+
+  The dict form of older configs is read as the spec string it stands for (`legacy_spec`).
+  """
+  if isinstance(data, Mapping) or hasattr(data, "to_dict"):
+    data = legacy_spec(data.to_dict() if hasattr(data, "to_dict") else data)
+  if not isinstance(data, str):
+    raise ValueError(f"eval data {data!r}: name it with a spec string, e.g. {_EXAMPLES} "
+                     "(docs/evaluation.md)")
+  spec = data.strip()
+  kind, _, rest = spec.partition(":")
+  location, _, query = rest.partition("?")
+  if kind == "demo":
+    location = location or _DEMO_SPLITS[needs]
+    if location not in demo.SPLITS or query:
+      raise ValueError(f"eval data {spec!r}: write 'demo' or 'demo:SPLIT' with a split of "
+                       f"{tuple(demo.SPLITS)}")
+    options = {}
+  elif kind == "karpathy":
+    options = dict(urllib.parse.parse_qsl(query))
+    if not location or not options.get("image_dir") or set(options) - set(_KARPATHY_OPTIONS):
+      raise ValueError(f"eval data {spec!r}: write 'karpathy:JSON?image_dir=DIR', optionally "
+                       "with '&split=SPLIT' (default: test)")
+    options.setdefault("split", "test")
+  else:
+    kind, location, options = data_spec.parse_spec(spec)
+    if kind == "tfds" and location.split("[")[0].rfind(":") <= 0:  # no NAME:SPLIT
+      raise ValueError(f"eval data {spec!r}: write TFDS data as 'tfds:NAME:SPLIT', e.g. "
+                       "'tfds:imagenet2012:validation'")
+  if needs == LABELS and kind == "karpathy":
+    raise ValueError(f"eval data {spec!r} has no class labels: use 'tfds:…', 'folder:…', "
+                     "shards with ?label= or 'demo'")
+  if needs == LABELS and kind in ("wds", "tfrecord") and not options.get("label"):
+    raise ValueError(f"eval data {spec!r} names no label field: add ?label=FIELD (e.g. "
+                     "?label=cls)")
+  if needs == CAPTIONS and kind == "folder":
+    raise ValueError(f"eval data {spec!r}: an image folder has no captions: use 'tfds:…', "
+                     "'karpathy:…', 'wds:…', 'tfrecord:…' or 'demo'")
+  return DataSpec(spec, kind, location, options)
+
+
+def _fields(data: DataSpec, needs: str) -> data_spec.Fields:
+  """The record fields an eval reads unless the spec's options (?image=, ...) say otherwise."""
+  if data.kind == "tfds" and needs == CAPTIONS:
+    return data_spec.Fields(text="captions/text")
+  if data.kind in ("tfds", "folder"):
+    return data_spec.Fields(label="label")
+  return data_spec.Fields(text="txt")
+
+
+def classification_data(data: DataSpec, config, local_batch: int,
                         num_examples: int | None = None) -> tf.data.Dataset:
   """This process's batches: image float32 [b, S, S, 3], bad bool [b], label fields int32 [b].
 
-  Label fields: 'label' for tfds / image_folder / spec; for the demo one per attribute
-  ('colour', 'shape', 'position'). `num_examples` keeps the first n (tfds; the demo renders n,
-  default 512).
+  `data` comes from `parse(..., LABELS)`. Label fields: 'label', or for the demo one per
+  attribute ('colour', 'shape', 'position'). `num_examples` keeps the first n (tfds; the demo
+  renders n, default 512).
   """
-  data = as_dict(data)
-  source = data["source"]
-  if source == "demo":
-    ds = _demo(config, data.get("split", "zeroshot"), num_examples or 512,
+  if data.kind == "demo":
+    ds = _demo(config, data.location, num_examples or 512,
                ("colour", "shape", "position"))
     return _batched(ds, local_batch)
-  if source == "karpathy_json":
-    raise ValueError("eval data source 'karpathy_json' has no class labels: use 'tfds', "
-                     "'image_folder' or 'demo'")
-  ds = _source_examples(data, num_examples, config.model.image_size,
-                        label_key=data.get("label_key", "label"))
+  ds = _source_examples(data, LABELS, num_examples, config.model.image_size)
   ds = ds.map(lambda ex: {"image": ex["image"], "bad": ex["bad"], "label": ex["label"]})
   return _batched(ds, local_batch)
 
 
-def image_text_data(data, config, local_batch: int, max_captions: int,
+def image_text_data(data: DataSpec, config, local_batch: int, max_captions: int,
                     num_examples: int | None = None) -> tf.data.Dataset:
   """This process's batches: image float32 [b, S, S, 3], bad bool [b], tokens int32
   [b, K, context], caption_mask bool [b, K] (K = max_captions; the first K captions of each
-  image are kept, fewer are padded and masked)."""
-  data = as_dict(data)
+  image are kept, fewer are padded and masked). `data` comes from `parse(..., CAPTIONS)`."""
   size, context = config.model.image_size, config.model.context_length
-  source = data["source"]
-  if source == "demo":
-    ds = _demo(config, data.get("split", "retrieval"), num_examples or 512,
+  if data.kind == "demo":
+    ds = _demo(config, data.location, num_examples or 512,
                ("caption", "long_caption"))
     ds = ds.map(lambda ex: {"image": ex["image"], "bad": ex["bad"],
                             "captions": tf.stack([ex["caption"], ex["long_caption"]])})
   else:
-    if source == "image_folder":
-      raise ValueError("eval data source 'image_folder' has no captions: use 'tfds', "
-                       "'karpathy_json' or 'demo'")
-    if source == "karpathy_json":
+    if data.kind == "karpathy":
       ds = _karpathy_examples(data, num_examples, size)
     else:
-      ds = _source_examples(data, num_examples, size,
-                            text_key=data.get("captions_key", "captions/text"))
+      ds = _source_examples(data, CAPTIONS, num_examples, size)
     ds = ds.map(lambda ex: {"image": ex["image"], "bad": ex["bad"], "captions": ex["texts"]})
 
   def fixed_captions(ex):
@@ -143,31 +221,27 @@ def _finish_example(out, size: int) -> dict:
   return {"image": transforms.normalize(image), "bad": bad, "label": label, "texts": texts}
 
 
-def _source_examples(data: dict, num_examples: int | None, size: int, label_key: str = "",
-                     text_key: str = "") -> tf.data.Dataset:
-  """This process's examples of a TFDS split, an image folder or any input-pipeline spec:
+def _source_examples(data: DataSpec, needs: str, num_examples: int | None,
+                     size: int) -> tf.data.Dataset:
+  """This process's examples of a TFDS split, an image folder or shards:
   {'image' float32 [S, S, 3], 'bad' bool, 'label' int32 (-1: none), 'texts' string [n]}."""
-  if data["source"] == "tfds":
-    split = data["split"] + (f"[:{int(num_examples)}]" if num_examples else "")
-    source = sources.tfds_source(data["name"], split, image_key=data.get("image_key", "image"),
-                                 label_key=label_key, text_key=text_key,
-                                 data_dir=data.get("data_dir") or None)
-  elif num_examples:
-    raise ValueError(f"num_examples is not supported for source={data['source']!r}; use all of "
-                     "it or a TFDS split such as 'validation[:10000]'")
-  elif data["source"] == "image_folder":
-    source = sources.image_folder_source(data["path"])
-  else:
-    source = sources.from_spec(data["spec"])
+  spec = data.spec
+  if num_examples:
+    if data.kind != "tfds":
+      raise ValueError(f"num_examples is not supported for eval data {spec!r}; use all of it "
+                       "or a TFDS split such as 'tfds:imagenet2012:validation[:10000]'")
+    location, _, query = spec.partition("?")
+    spec = f"{location}[:{int(num_examples)}]" + (f"?{query}" if query else "")
+  source = sources.from_spec(spec, _fields(data, needs))
 
   def decode(packed):
-    record = sources.unpack(bytes(packed))
+    record = records.unpack(bytes(packed))
     image, bad = _transformed(record.image, size)
     return (image, np.bool_(bad or bool(record.problem)), np.int32(record.label),
             np.array(record.texts, dtype=object).reshape(-1))
 
-  records = source.eval_records(jax.process_index(), jax.process_count())
-  return records.map(
+  packed_records = source.eval_records(jax.process_index(), jax.process_count())
+  return packed_records.map(
       lambda packed: _finish_example(
           tf.numpy_function(decode, [packed], _EXAMPLE_TYPES, stateful=False), size),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -190,8 +264,9 @@ def karpathy_split(path: str, image_dir: str, split: str) -> tuple[list[str], li
   return paths, captions
 
 
-def _karpathy_examples(data: dict, num_examples: int | None, size: int) -> tf.data.Dataset:
-  paths, captions = karpathy_split(data["path"], data["image_dir"], data.get("split", "test"))
+def _karpathy_examples(data: DataSpec, num_examples: int | None, size: int) -> tf.data.Dataset:
+  paths, captions = karpathy_split(data.location, data.options["image_dir"],
+                                   data.options["split"])
   if num_examples:
     paths, captions = paths[:num_examples], captions[:num_examples]
   start, stop = common.host_slice(len(paths))
@@ -218,27 +293,8 @@ def _karpathy_examples(data: dict, num_examples: int | None, size: int) -> tf.da
 
 def _demo(config, split: str, num_examples: int, fields: tuple[str, ...]) -> tf.data.Dataset:
   """This process's examples of a demo split, rendered at the model's size (unbatched)."""
-  size, seed = config.model.image_size, config.input.demo.seed
   start, stop = common.host_slice(num_examples)
-  types = {"caption": tf.string, "long_caption": tf.string, "colour": tf.int32,
-           "shape": tf.int32, "position": tf.int32}
-
-  def render(indices):
-    b = demo.batch(seed, split, indices, size)
-    return (b["image"], *(b[f] for f in fields))
-
-  def to_examples(indices):
-    out = tf.numpy_function(render, [indices], [tf.uint8, *(types[f] for f in fields)],
-                            stateful=False)
-    out[0].set_shape([None, size, size, 3])
-    ex = {"image": transforms.normalize(out[0]), "bad": tf.zeros([tf.shape(out[0])[0]], bool)}
-    for f, value in zip(fields, out[1:]):
-      value.set_shape([None])
-      ex[f] = value
-    return ex
-
-  ds = tf.data.Dataset.range(start, stop).batch(64)
-  return ds.map(to_examples, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  return demo.eval_examples(config, split, start, stop, fields)
 
 
 def _batched(ds: tf.data.Dataset, local_batch: int) -> tf.data.Dataset:

@@ -14,8 +14,9 @@ C = 1 / (l2 * num_train).
 
     config.evals.linear_probe_cifar10 = dict(
         type='linear_probe', every_steps=0, batch_size=512,
-        train_data=dict(source='tfds', name='cifar10', split='train'),
-        test_data=dict(source='tfds', name='cifar10', split='test'))
+        train_data='tfds:cifar10:train', test_data='tfds:cifar10:test')
+
+Fields: the keyword-only arguments of `LinearProbeEvaluator` (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -117,43 +118,54 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *,
 
 
 class LinearProbeEvaluator:
-  """Fields: train_data, test_data (the demo: its 'train' and 'zeroshot' splits), label (the
-  demo: 'shape'), num_classes (from the labels seen if unset), features ('embedding': the
-  normalised image embedding; 'patch_mean': the class head's input), batch_size (256),
-  num_train_examples / num_test_examples (all; the demo: 1024 / 512), l2_grid, val_fraction
-  (0.2), max_iters (1000), seed (0)."""
+  """Test top-k of a logistic regression fitted on frozen image features (module doc).
 
-  def __init__(self, eval_config, config, model, mesh):
+  Args (fields of the eval's config; defaults in the signature):
+    train_data, test_data: labelled eval data (`eval_data`).
+    label: the label field (None: 'label'; for demo train_data 'shape').
+    num_classes: None: from the labels seen.
+    features: 'embedding' (the normalised image embedding) or 'patch_mean' (the class head's
+      input).
+    batch_size: global image batch for the features.
+    num_train_examples, num_test_examples: the first n of each (None: all; for demo
+      train_data 1024 and 512).
+    l2_grid, val_fraction, max_iters, seed: the sweep of `linear_probe`.
+  """
+  needs_text = False
+
+  def __init__(self, config, model, mesh, *, train_data: str = "demo:train",
+               test_data: str = "demo:zeroshot", label: str | None = None,
+               num_classes: int | None = None, features: str = "embedding",
+               batch_size: int = 256, num_train_examples: int | None = None,
+               num_test_examples: int | None = None, l2_grid=DEFAULT_L2_GRID,
+               val_fraction: float = 0.2, max_iters: int = 1000, seed: int = 0):
     self.config = config
     self.mesh = mesh
-    demo = {"source": "demo"}
-    self.train_data = eval_data.as_dict(eval_config.get("train_data", {**demo, "split": "train"}))
-    self.test_data = eval_data.as_dict(eval_config.get("test_data",
-                                                       {**demo, "split": "zeroshot"}))
-    is_demo = self.train_data["source"] == "demo"
-    self.label = eval_config.get("label", "shape" if is_demo else "label")
-    self.num_classes = eval_config.get("num_classes")
-    self.features = eval_config.get("features", "embedding")
+    self.train_data = eval_data.parse(train_data, eval_data.LABELS)
+    self.test_data = eval_data.parse(test_data, eval_data.LABELS)
+    is_demo = self.train_data.kind == "demo"
+    if label is None:
+      label = "shape" if is_demo else "label"
+    self.label = label
+    self.num_classes = num_classes
+    self.features = features
     if self.features not in FEATURES:
       raise ValueError(f"linear_probe features={self.features!r}: use one of {FEATURES}")
-    self.batch_size = int(eval_config.get("batch_size", 256))
-    self.num_train = eval_config.get("num_train_examples", 1024 if is_demo else None)
-    self.num_test = eval_config.get("num_test_examples", 512 if is_demo else None)
-    self.probe_kwargs = dict(
-        l2_grid=tuple(eval_config.get("l2_grid", DEFAULT_L2_GRID)),
-        val_fraction=float(eval_config.get("val_fraction", 0.2)),
-        max_iters=int(eval_config.get("max_iters", 1000)),
-        seed=int(eval_config.get("seed", 0)))
+    self.batch_size = int(batch_size)
+    demo_counts = (1024, 512) if is_demo else (None, None)
+    self.num_train = demo_counts[0] if num_train_examples is None else num_train_examples
+    self.num_test = demo_counts[1] if num_test_examples is None else num_test_examples
+    self.probe_kwargs = dict(l2_grid=tuple(l2_grid), val_fraction=float(val_fraction),
+                             max_iters=int(max_iters), seed=int(seed))
     common.local_batch_size(self.batch_size, mesh)
     use_patch_mean = self.features == "patch_mean"
-    label = self.label
 
-    def features(params, batch):
+    def extract(params, batch):
       z, patch_mean = model.apply({"params": params}, batch["image"], method="encode_image")
       x = patch_mean if use_patch_mean else z
       return {"x": x.astype(jnp.float32), "y": batch[label]}
 
-    self._features = common.BatchedFn(features, mesh, keep=("bad",))
+    self._features = common.BatchedFn(extract, mesh, keep=("bad",))
 
   def _split(self, params, data, num_examples):
     local = common.local_batch_size(self.batch_size, self.mesh)

@@ -9,12 +9,12 @@ the number of wrong candidates), and NaN scores are never hits. Names as in Open
 
     config.evals.retrieval_coco = dict(
         type='retrieval', every_steps=2000, batch_size=256,
-        data=dict(source='tfds', name='coco_captions', split='test'),  # COCO 5k (Karpathy)
-        max_captions=5)
+        data='tfds:coco_captions:test', max_captions=5)  # COCO 5k (Karpathy)
     config.evals.retrieval_flickr = dict(
-        type='retrieval', data=dict(source='karpathy_json', split='test',
-                                    path='/data/flickr30k/dataset_flickr30k.json',
-                                    image_dir='/data/flickr30k/images'))  # Flickr30k 1k
+        type='retrieval',  # Flickr30k 1k
+        data='karpathy:/data/flickr30k/dataset_flickr30k.json?image_dir=/data/flickr30k/images')
+
+Fields: the keyword-only arguments of `RetrievalEvaluator` (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -73,18 +73,30 @@ def recall_at_k(image_ranks: np.ndarray, text_ranks: np.ndarray, ks=(1, 5, 10)) 
 
 
 class RetrievalEvaluator:
-  """Fields: data ('demo': the demo's 'retrieval' split, 2 captions per image), batch_size
-  (256), max_captions (5; the demo: 2), num_examples (all; the demo: 512), ks ((1, 5, 10))."""
+  """Recall@K of image-to-text and text-to-image retrieval over `data`.
 
-  def __init__(self, eval_config, config, model, mesh):
+  Args (fields of the eval's config; defaults in the signature):
+    data: image-text eval data (`eval_data`); the demo: its 'retrieval' split, two captions
+      per image (short and long).
+    batch_size: global image batch, a multiple of the device and process counts.
+    max_captions: the first K captions of each image are used (None: 5; the demo: 2).
+    num_examples: the first n images (None: all; the demo renders 512).
+    ks: the K of the Recall@K reported.
+  """
+  needs_text = True
+
+  def __init__(self, config, model, mesh, *, data: str = "demo", batch_size: int = 256,
+               max_captions: int | None = None, num_examples: int | None = None,
+               ks=(1, 5, 10)):
     self.config = config
     self.mesh = mesh
-    self.data = eval_data.as_dict(eval_config.get("data", "demo"))
-    self.batch_size = int(eval_config.get("batch_size", 256))
-    self.max_captions = int(eval_config.get(
-        "max_captions", 2 if self.data["source"] == "demo" else 5))
-    self.num_examples = eval_config.get("num_examples")
-    self.ks = tuple(eval_config.get("ks", (1, 5, 10)))
+    self.data = eval_data.parse(data, eval_data.CAPTIONS)
+    self.batch_size = int(batch_size)
+    if max_captions is None:
+      max_captions = 2 if self.data.kind == "demo" else 5
+    self.max_captions = int(max_captions)
+    self.num_examples = num_examples
+    self.ks = tuple(ks)
     common.local_batch_size(self.batch_size, mesh)
 
     def encode(params, batch):

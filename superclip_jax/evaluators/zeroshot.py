@@ -8,12 +8,10 @@ least as high as the true class (ties count against the model; see `common.rank_
 
     config.evals.zeroshot_imagenet = dict(
         type='zeroshot', every_steps=2000, batch_size=1024,
-        data=dict(source='image_folder', path='/data/imagenet/val'),  # or source='tfds',
-        classnames='imagenet', templates='openai_imagenet')          # name='imagenet2012'
+        data='folder:/data/imagenet/val',  # or 'tfds:imagenet2012:validation'
+        classnames='imagenet', templates='openai_imagenet')
 
-`classnames` / `templates`: a built-in list name (CLASSNAMES / TEMPLATES below) or a list.
-With the demo data (`data='demo'`) there are three tasks (colour, shape, position), each with
-its own classes and templates, reported as '{task}_top1'.
+Fields: the keyword-only arguments of `ZeroShotEvaluator` (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -65,25 +63,38 @@ def resolve(classnames, templates) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 class ZeroShotEvaluator:
-  """Fields: data, classnames, templates, batch_size (256), text_batch_size (= batch_size),
-  num_examples (all; the demo: 512), ks ((1, 5))."""
+  """Top-k accuracy of classifying `data`'s images by their nearest class prompt embedding.
 
-  def __init__(self, eval_config, config, model, mesh):
+  Args (fields of the eval's config; defaults in the signature):
+    data: labelled eval data (`eval_data`); the demo has three tasks (colour, shape,
+      position), each with its own classes and templates, reported as '{task}_top1'.
+    classnames: a built-in list name (CLASSNAMES) or a list of names (not for the demo).
+    templates: a built-in list name (TEMPLATES), a list of '...{}...' strings, or None: the
+      class names' DEFAULT_TEMPLATES ('openai_imagenet' for a list of names).
+    batch_size: global image batch, a multiple of the device and process counts.
+    text_batch_size: global batch for encoding the prompts (None: batch_size).
+    num_examples: evaluate the first n examples (None: all; the demo renders 512).
+    ks: the top-k accuracies reported (k < the number of classes).
+  """
+  needs_text = True
+
+  def __init__(self, config, model, mesh, *, data: str = "demo", classnames="imagenet",
+               templates=None, batch_size: int = 256, text_batch_size: int | None = None,
+               num_examples: int | None = None, ks=(1, 5)):
     self.config = config
     self.mesh = mesh
-    self.data = eval_data.as_dict(eval_config.get("data", "demo"))
-    self.batch_size = int(eval_config.get("batch_size", 256))
-    self.text_batch_size = int(eval_config.get("text_batch_size", self.batch_size))
-    self.num_examples = eval_config.get("num_examples")
-    self.ks = tuple(eval_config.get("ks", (1, 5)))
+    self.data = eval_data.parse(data, eval_data.LABELS)
+    self.batch_size = int(batch_size)
+    self.text_batch_size = int(self.batch_size if text_batch_size is None else text_batch_size)
+    self.num_examples = num_examples
+    self.ks = tuple(ks)
     common.local_batch_size(self.batch_size, mesh)
     common.local_batch_size(self.text_batch_size, mesh, "eval text_batch_size")
-    if self.data["source"] == "demo":
+    if self.data.kind == "demo":
       # task -> (label field, class names, templates)
       self.tasks = {task: (task, *resolve(c, t)) for task, (c, t) in demo.ZEROSHOT_TASKS.items()}
     else:
-      self.tasks = {"": ("label", *resolve(eval_config.get("classnames", "imagenet"),
-                                           eval_config.get("templates")))}
+      self.tasks = {"": ("label", *resolve(classnames, templates))}
     self._tokens = {}  # task -> prompt tokens [classes * templates, context], made once
 
     def encode_text(params, batch):

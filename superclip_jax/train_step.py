@@ -1,0 +1,131 @@
+"""The train step: (state, global batch) -> (state, metrics). Pure; jit it with shardings.
+
+Imports no TensorFlow, so a step can be built and timed where only JAX is installed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from superclip_jax import gradient_accumulation, losses, optim, sharding, train_state
+from superclip_jax.data import position
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLoss:
+  """One batch's forward pass and loss: contrastive + class_weight × IDF class loss.
+
+  With a mesh of several devices the contrastive loss is computed shard-locally
+  (`losses.sharded_contrastive_loss`): no device holds the global [batch, batch] logits.
+  """
+  model: Any
+  contrastive: str
+  class_weight: float
+  mesh: Any = None
+
+  @property
+  def has_text(self) -> bool:
+    return self.model.has_text
+
+  @property
+  def has_head(self) -> bool:
+    return self.model.has_head
+
+  @property
+  def vocab(self) -> int:
+    return self.model.vocab_size
+
+  @property
+  def input_keys(self) -> tuple[str, ...]:
+    """The batch arrays the loss reads."""
+    return ("image",) + ("tokens",) * self.has_text + ("class_tokens",) * self.has_head
+
+  @property
+  def term_names(self) -> tuple[str, ...]:
+    return ("contrastive_loss",) * self.has_text + ("class_loss",) * self.has_head
+
+  def forward(self, params, batch, rng):
+    return self.model.apply({"params": params}, batch["image"],
+                            batch["tokens"] if self.has_text else None, train=True,
+                            rngs={"patch_dropout": rng})
+
+  def terms(self, out, targets, idf_weights) -> dict:
+    terms = {}
+    if self.has_text:
+      terms["contrastive_loss"] = (
+          losses.sharded_contrastive_loss(self.contrastive, out, self.mesh)
+          if self.mesh is not None and self.mesh.size > 1
+          else losses.contrastive_loss(self.contrastive, out))
+    if self.has_head:
+      terms["class_loss"] = losses.idf_class_loss(out["class_logits"], targets, idf_weights)
+    return terms
+
+  def total(self, terms):
+    return terms.get("contrastive_loss", 0.0) + self.class_weight * terms.get("class_loss", 0.0)
+
+  def __call__(self, params, batch, targets, idf_weights, rng):
+    terms = self.terms(self.forward(params, batch, rng), targets, idf_weights)
+    return self.total(terms), terms
+
+  def constrain(self, x):
+    """Keeps micro-batches and cached embeddings split over all devices."""
+    if self.mesh is None or self.mesh.size == 1:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(self.mesh))
+
+
+def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx, schedule,
+               use_idf: bool, batch_size: int, accum_steps: int = 1):
+  """One optimizer step on one global batch; `accum_steps` > 1: `gradient_accumulation`."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  idf = state.idf
+  targets = idf_weights = None
+  if loss.has_head:
+    # Counts see the whole global batch before the weights are computed (as the reference).
+    targets = losses.multi_hot(batch["class_tokens"], loss.vocab)
+    idf = idf.update(targets)
+    idf_weights = idf.weights() if use_idf else jnp.ones((loss.vocab,), jnp.float32)
+  if accum_steps == 1:
+    (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(
+        state.params, batch, targets, idf_weights, rng)
+  else:
+    (value, terms), grads = gradient_accumulation.value_and_grad(
+        loss, state.params, batch, idf_weights, rng, steps=accum_steps)
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient drops the whole batch: only the step and the data position
+  # advance, so the state stays good (and 'stop' halts with the last good state). lax.cond,
+  # not a select over the state: a select keeps the old optimizer state alive beside the new
+  # one, so XLA copies every moment buffer each step (2 copies of mu and nu per parameter).
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+
+  def apply_update(operands):
+    params, opt_state = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optim.clamp_logit_scale(optax.apply_updates(params, updates)), opt_state
+
+  params, opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands,
+                                   (state.params, state.opt_state))
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                      idf=jax.tree.map(lambda a, b: jnp.where(finite, a, b), idf, state.idf),
+                      examples_seen=state.examples_seen.add(batch_size))
+  if "_position" in batch:  # where each source of each process stands after this batch
+    new = new.replace(data_position=position.advance_position(state.data_position,
+                                                              batch["_position"]))
+  metrics = {"loss": value, **terms, "grad_norm": grad_norm, "lr": schedule(state.step),
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  if "logit_scale" in params:
+    metrics["logit_scale"] = jnp.exp(new.params["logit_scale"])
+  return new, metrics
+
+
+def make_train_step(config, model, tx, schedule, mesh=None):
+  """`train_step` bound to the config: step(state, batch) -> (state, metrics)."""
+  return functools.partial(
+      train_step, loss=StepLoss(model, config.loss.contrastive, config.loss.class_weight, mesh),
+      tx=tx, schedule=schedule, use_idf=config.loss.use_idf,
+      batch_size=config.input.batch_size, accum_steps=config.get("accum_steps", 1))
