@@ -4,7 +4,7 @@
   python -m superclip_jax.main --config=configs/demo.py:mode=clip --workdir=/tmp/demo_clip
   python -m superclip_jax.main --config=configs/demo.py --config.total_steps=20 --workdir=...
 """
-from superclip_jax import config_lib
+from superclip_jax import config_lib, models
 
 
 def get_config(arg=None):
@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.schedule.warmup_steps = 100
   c.log_training_steps = 50
   c.ckpt_steps = 200
-  if arg.mode != "superclass":
+  if models.has_text(arg.mode):  # both evaluations embed text
     c.evals.zeroshot = dict(type="zeroshot", every_steps=400, num_examples=512, batch_size=256)
     c.evals.retrieval = dict(type="retrieval", every_steps=400, num_examples=512,
                              batch_size=256)

@@ -124,7 +124,7 @@ def to_superclip(params, model, idf_counts: Optional[dict] = None,
   idf_counts: {'doc_freq': [vocab], 'num_docs': scalar} or None; batch_size: the global batch
   (`config.input.batch_size`), which converts counts to the official per-step averages.
   """
-  if model.mode != "superclip":
+  if not (model.has_text and model.has_head):
     raise ValueError(f"the superclip format holds a text tower and the class head; mode="
                      f"{model.mode!r} lacks one (use --format=openclip for CLIP models)")
   out = _export(params, model, rules_for(model, "superclip"), "superclip")
