@@ -39,12 +39,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 class Checkpointer:
-  """Keeps the last `config.keep_ckpts` checkpoints, plus every `keep_ckpt_steps`-th."""
+  """Keeps the last `config.keep_ckpts` checkpoints, every `keep_ckpt_steps`-th, and the step
+  `save(keep=...)` names (the last one before a non-finite streak, `nonfinite.Guard`)."""
 
   def __init__(self, workdir: str, config):
+    self._kept = _KeepSteps()
+    policies = [ocp.checkpoint_managers.LatestN(n=config.keep_ckpts), self._kept]
+    if config.keep_ckpt_steps:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(config.keep_ckpt_steps))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_ckpts,
-        keep_period=config.keep_ckpt_steps or None,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True,
         create=True,
         cleanup_tmp_directories=True,  # leftovers of a write killed midway
@@ -60,9 +64,20 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state) -> None:
-    """Starts an asynchronous save; returns once the arrays are copied off the devices."""
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  def save(self, step: int, state, metadata: dict | None = None, keep: int | None = None
+           ) -> None:
+    """Starts an asynchronous save; returns once the arrays are copied off the devices.
+
+    metadata: JSON kept with the checkpoint (`metadata`). keep: a step the rotation keeps
+    besides the last `keep_ckpts` (the last good one before a non-finite streak).
+    """
+    self._kept.steps = set() if keep is None else {keep}
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                      custom_metadata=metadata or {})
+
+  def metadata(self, step: int) -> dict:
+    """The `metadata` saved with a step ({} for checkpoints written without)."""
+    return dict(self.manager.metadata(step).custom_metadata or {})
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
@@ -101,6 +116,17 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _KeepSteps:
+  """An Orbax preservation policy keeping the steps in `steps` (changed between saves)."""
+
+  def __init__(self):
+    self.steps = set()
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [info.step in self.steps for info in checkpoints]
 
 
 def load_state(workdir: str, step: int | None = None, mesh=None):

@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
       seed=ml_collections.FieldReference(None, field_type=int),  # default: config.seed
       threads=0,  # tf.data private threadpool (0 = TF's default)
       prefetch=2,
+      max_consecutive_skips=10_000,  # a source skipping more records in a row stops the run
       # Resuming with another number of processes: 'error', or 'restart' (file sources
       # re-read the shards some process had not finished; docs/data.md). The demo is exact.
       on_process_count_change="error",
@@ -114,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = ((".*", "replicate"),)
   c.init_from = ""  # a PyTorch CLIP/SuperCLIP checkpoint (file or OpenCLIP directory)
   c.nan_policy = "stop"  # 'stop' | 'skip': what a non-finite loss or gradient does
+  # 'skip' stops the run past this many skipped steps in any nonfinite_window steps.
+  c.max_nonfinite_steps = 10
+  c.nonfinite_window = 100
 
   c.log_training_steps = 50
   c.ckpt_steps = 1000
@@ -178,6 +182,7 @@ def validate(config) -> None:
                      "0 < first <= last, e.g. (10, 15), or () for no trace")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
+  _check_run_limits(config)
   if not 0.0 <= m.patch_dropout < 1.0:
     raise ValueError(f"config.model.patch_dropout={m.patch_dropout} must be in [0, 1)")
   models.check_remat_policy(m.get("remat_policy", "none"))  # unknown: an error listing all
@@ -185,7 +190,38 @@ def validate(config) -> None:
     raise ValueError(f"config.model.scan_layers={m.scan_layers!r}: use True or False")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+  _check_context_length(config)
   size, _ = models.parse_variant(m.variant)
   for tower in (models.VIT_SIZES[size], models.TEXT_SIZES.get(m.get("text_size") or size)):
     if tower is not None:  # 'cudnn' where it cannot run is an error saying why
       attention.resolve(m.get("attention", "auto"), m.dtype, tower.width // tower.heads)
+
+
+def _check_run_limits(config) -> None:
+  if config.lr < 0:
+    raise ValueError(f"config.lr={config.lr} is negative (it would climb the loss); use a "
+                     "positive learning rate, or 0 to keep the weights fixed")
+  if int(config.keep_ckpts) < 1:
+    raise ValueError(f"config.keep_ckpts={config.keep_ckpts} keeps no checkpoint, so a restart "
+                     "would start from scratch; use 1 or more (keep_ckpt_steps adds kept ones)")
+  limit, window = config.get("max_nonfinite_steps", 10), config.get("nonfinite_window", 100)
+  if int(limit) < 0:
+    raise ValueError(f"config.max_nonfinite_steps={limit}: use 0 or more (skipped steps "
+                     "allowed in any config.nonfinite_window steps under nan_policy='skip')")
+  if int(window) < 1:
+    raise ValueError(f"config.nonfinite_window={window}: use 1 or more steps")
+
+
+def _check_context_length(config) -> None:
+  """Room for the start and end tokens, and for every label template with a one-token name."""
+  context = config.model.context_length
+  if not isinstance(context, int) or context < 3:
+    raise ValueError(f"config.model.context_length={context!r}: use an integer of at least 3 "
+                     "(start token, a word, end token); OpenCLIP's models use 77")
+  from superclip_jax import tokenizer  # the BPE vocabulary loads only when validating a run
+  for template in config.input.get("label_templates", ()):
+    needed = len(tokenizer.encode(template.format("x"))) + 2
+    if needed > context:
+      raise ValueError(f"config.model.context_length={context} is too short for the label "
+                       f"template {template!r}: it needs {needed} tokens with a one-token class "
+                       "name; raise context_length or shorten config.input.label_templates")

@@ -277,7 +277,7 @@ def from_hf(state_dict, model) -> dict:
   return from_layout(state_dict, model, "hf")
 
 
-def load_torch_checkpoint(path, model, init_params) -> dict:
+def load_torch_checkpoint(path, model, init_params, report=logging.info) -> dict:
   """Initialises training from a PyTorch CLIP/SuperCLIP checkpoint (`config.init_from`).
 
   path: a state-dict file (.safetensors, or .bin/.pt/.pth read with weights_only=True), or a
@@ -285,6 +285,7 @@ def load_torch_checkpoint(path, model, init_params) -> dict:
     transformers CLIPModel. The layout is told from the keys.
   init_params: freshly initialised params; the result has its tree, shapes and dtypes. Parts
     the checkpoint lacks (a CLIP checkpoint has no class head; logit_bias) keep their init.
+  report: called with one line naming the layout found and the parts kept fresh.
   Raises CheckpointMismatchError naming the parameter on any mismatch.
   """
   path = pathlib.Path(path)
@@ -303,9 +304,8 @@ def load_torch_checkpoint(path, model, init_params) -> dict:
     raise CheckpointMismatchError(f"init_params lack {'/'.join(p)}, which the checkpoint "
                                   f"has: init_params are not from this model")
   kept = sorted({p[0] for p in set(flat) - set(loaded)})
-  if kept:
-    logging.info("init_from %s (%s layout): kept freshly initialised %s", path, layout,
-                 ", ".join(kept))
+  report(f"init_from {path}: {layout} layout"
+         + (f"; kept freshly initialised: {', '.join(kept)}" if kept else ""))
   out = {}
   for p, init in flat.items():
     if p not in loaded:

@@ -6,6 +6,9 @@ if __name__ == "__main__":
   from superclip_jax import host_malloc
   host_malloc.reexec()
 
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -25,8 +28,24 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if host_malloc.active():
     logging.info("glibc malloc tuned for XLA:CPU (%s=tuned; docs/training.md)", host_malloc.OPT_IN)
-  distributed.initialize_from_flags()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    distributed.initialize_from_flags()
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    # Our own checks say what to change: their message, not the traceback in front of it
+    # (which any --verbosity shows).
+    if FLAGS["verbosity"].present or not _raised_here(e):
+      raise
+    sys.exit(f"Error: {e}")
+
+
+def _raised_here(error: BaseException) -> bool:
+  """Whether `error` was raised by this package's code (its innermost frame is ours)."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(
+      os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 if __name__ == "__main__":

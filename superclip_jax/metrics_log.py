@@ -12,7 +12,8 @@ import jax
 
 # In metrics.jsonl and TensorBoard, left off the stdout line.
 _FILE_ONLY = ("step_time", "img_per_sec_per_device", "tflops_per_device", "compile_seconds",
-              "flops_per_step", "peak_tflops_per_device", "peak_memory_bytes")
+              "flops_per_step", "peak_tflops_per_device", "peak_memory_bytes",
+              "nonfinite_steps_total")
 
 
 class MetricLogger:

@@ -12,13 +12,13 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from superclip_jax import checkpoint, config_lib, evaluators, metrics_log
-from superclip_jax import host_malloc, mfu, sharding, train_state, train_step, versions
+from superclip_jax import checkpoint, config_history, config_lib, evaluators, host_malloc
+from superclip_jax import metrics_log, mfu, nonfinite, optim, sharding, train_state, train_step
+from superclip_jax import versions, workdir_lock
 from superclip_jax.data import input_pipeline, position
 
 
-class NonFiniteError(RuntimeError):
-  """A loss or gradient was NaN/Inf under config.nan_policy='stop'."""
+NonFiniteError = nonfinite.NonFiniteError
 
 
 class _Preemption:
@@ -48,28 +48,31 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
   tests and debugging; a later call continues the same run.
   """
   config_lib.validate(config)
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty: name the directory (local or gs://) that keeps the "
+                     "run's config, checkpoints and metrics")
+  with workdir_lock.hold(workdir):  # one trainer per workdir (docs/training.md)
+    return _train(config, workdir, stop_after)
+
+
+def _train(config, workdir, stop_after):
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.input.batch_size, mesh, config.get("accum_steps", 1))
   position.local_batch_size(config.input.batch_size)
   factory = train_state.StateFactory(config, mesh)
   evals = evaluators.build(config, factory.model, mesh)
 
-  checkpoint.write_config(workdir, config)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  try:  # nothing is written before the config is known to fit the checkpoints
+    changed = config_history.check_and_record(workdir, config, ckpt.latest_step())
+  except Exception:
+    ckpt.close()
+    raise
   info = versions.collect()
   versions.write(workdir, info)
   if jax.process_index() == 0:
     print(versions.summary(info), flush=True)
-  ckpt = checkpoint.Checkpointer(workdir, config)
-  if ckpt.latest_step() is not None:
-    logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
-    state = ckpt.restore(factory.abstract_with_shardings())
-    state = _resume_data_position(config, factory, state)
-  elif config.init_from:
-    from superclip_jax import convert  # torch-format import; only needed here
-    init = jax.tree.map(np.asarray, factory.fresh_params())
-    state = factory.create(convert.load_torch_checkpoint(config.init_from, factory.model, init))
-  else:
-    state = factory.create()
+  state, guard = _restore_or_create(config, factory, ckpt, changed)
 
   step_fn = jax.jit(train_step.make_train_step(config, factory.model, factory.tx,
                                                factory.schedule, mesh),
@@ -81,16 +84,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
   start_example = state.examples_seen.value()
   ds = input_pipeline.train_dataset(config, start=start_example,
                                     position=np.asarray(jax.device_get(state.data_position)),
-                                    origin=np.asarray(jax.device_get(state.data_origin)))
-  batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
-                                              sharding.batch_sharding(mesh))
+                                    origin=np.asarray(jax.device_get(state.data_origin)),
+                                    report=_say)
   preemption = _Preemption()
+  # Waits for input in Python, checking the flag: a preemption stops even a stalled read.
+  batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
+                                              sharding.batch_sharding(mesh),
+                                              stop=lambda: preemption.requested)
   pending = []  # per-step metrics still on device, fetched at log steps
   compiled = meter = None
   profile = tuple(config.get("profile_steps", ()))
   try:
+    batch = _next_batch(batches, None, start_step + 1)
     for step in range(start_step + 1, config.total_steps + 1):
-      batch = meter.wait(lambda: next(batches)) if meter else next(batches)
+      if batch is None:  # preempted before the first batch came: nothing new to save
+        break
       if compiled is None:
         compiled, meter, first_record = _compile_step(step_fn, state, batch, config, mesh)
         logger.progress(step - 1, {})  # the first interval starts after compiling
@@ -104,8 +112,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
       last = step == config.total_steps
       if step == stop_after:
         preemption.requested = True
+      if not (last or preemption.requested):  # fetched now, so a preemption while waiting
+        batch = _next_batch(batches, meter, step + 1)  # saves this step below
       if step % config.log_training_steps == 0 or last or preemption.requested:
-        _log_training(logger, step, pending, config, meter, first_record, compiled)
+        _log_training(logger, step, pending, guard, meter, first_record, compiled)
         pending, first_record = [], None
       for name, every, evaluator in evals:
         if (every and step % every == 0) or last:
@@ -116,16 +126,34 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
           if host_malloc.active():  # its buffers would otherwise fragment the kept heap
             host_malloc.release()
       if step % config.ckpt_steps == 0 or last or preemption.requested:
-        _raise_if_nonfinite(jax.device_get(pending), step, config)
-        ckpt.save(step, state)
+        guard.update(jax.device_get(pending), step)  # raises past the limit: no save
+        keep = guard.before_save(step)
+        ckpt.save(step, state, guard.metadata(step), keep)
       if preemption.requested:
         logging.warning("Preempted: saved step %d, exiting.", step)
         break
   finally:
+    batches.close()  # the reader thread lets go of the tf.data iterator
     preemption.restore()
     ckpt.close()
     logger.close()
   return state
+
+
+def _say(line: str) -> None:
+  """A start-up fact (resuming, init_from, the data): shown at any verbosity, by process 0."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _next_batch(batches, meter, step: int):
+  """The batch for `step`, or None if a preemption came while waiting for it (then the flag
+  is set: the loop saves the last step done and leaves)."""
+  try:
+    return meter.wait(lambda: next(batches)) if meter else next(batches)
+  except input_pipeline.InputStopped:
+    logging.warning("Preempted while waiting for input for step %d.", step)
+    return None
 
 
 def _resume_data_position(config, factory, state):
@@ -139,15 +167,50 @@ def _resume_data_position(config, factory, state):
                        data_origin=put(origin, factory.shardings.data_origin))
 
 
-def _raise_if_nonfinite(history, step, config):
-  bad = sum(m["nonfinite"] for m in history)
-  if bad and config.nan_policy == "stop":
-    raise NonFiniteError(
-        f"Non-finite loss or gradient in {int(bad)} of the last {len(history)} steps "
-        f"(up to step {step}); those updates were not applied and no checkpoint was written "
-        "after them. Lower config.lr, set config.grad_clip_norm, or use "
-        "config.nan_policy='skip' to drop such batches.")
-  return bad
+def _restore_or_create(config, factory, ckpt, changed):
+  """(state, nonfinite.Guard): the latest checkpoint, else `init_from`, else a fresh state.
+
+  changed: the config fields that differ from the workdir's last run (`config_history`).
+  """
+  step = ckpt.latest_step()
+  if step is None:
+    if not config.init_from:
+      return factory.create(), nonfinite.Guard(config)
+    from superclip_jax import convert  # torch-format import; only needed here
+    init = jax.tree.map(np.asarray, factory.fresh_params())
+    params = convert.load_torch_checkpoint(config.init_from, factory.model, init, report=_say)
+    return factory.create(params), nonfinite.Guard(config)
+  if config.init_from:
+    logging.warning("config.init_from=%r is ignored: %s has checkpoints, the run resumes from "
+                    "step %d (a new --workdir starts from init_from)", config.init_from,
+                    ckpt.directory, step)
+  _say(f"Resuming from step {step} ({ckpt.directory})")
+  abstract = factory.abstract_with_shardings()
+  new_optimizer = config_history.optimizer_changed(changed)
+  if new_optimizer:  # read the saved optimizer state as it was laid out, then start afresh
+    abstract = abstract.replace(opt_state=_saved_optimizer_state(config, factory, changed))
+  state = ckpt.restore(abstract)
+  if new_optimizer:
+    logging.warning("config.frozen or config.grad_clip_norm changed: parameters, counts and "
+                    "the data position are restored, the optimizer state starts afresh")
+    state = state.replace(opt_state=jax.jit(
+        factory.tx.init, out_shardings=factory.shardings.opt_state)(state.params))
+  state = _resume_data_position(config, factory, state)
+  return state, nonfinite.Guard(config, step, ckpt.metadata(step))
+
+
+def _saved_optimizer_state(config, factory, changed):
+  """The abstract optimizer state of the run before `changed` (frozen, grad_clip_norm)."""
+  saved = config.copy_and_resolve_references()
+  if "frozen" in changed:
+    saved.frozen = tuple(changed["frozen"][0] or ())
+  if "grad_clip_norm" in changed:
+    saved.grad_clip_norm = float(changed["grad_clip_norm"][0] or 0.0)
+  tx, _ = optim.make_optimizer(saved, factory.abstract.params)
+  shapes = jax.eval_shape(tx.init, factory.abstract.params)
+  shardings = sharding.tree_shardings(config.sharding_rules, shapes, factory.mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, shardings)
 
 
 def _compile_step(step_fn, state, batch, config, mesh):
@@ -166,11 +229,11 @@ def _compile_step(step_fn, state, batch, config, mesh):
                            "peak_tflops_per_device": peak}
 
 
-def _log_training(logger, step, pending, config, meter=None, first_record=None, compiled=None):
+def _log_training(logger, step, pending, guard, meter=None, first_record=None, compiled=None):
   history = jax.device_get(pending)
-  nonfinite = _raise_if_nonfinite(history, step, config)
+  bad = guard.update(history, step)  # raises per config.nan_policy
   last = {k: float(v) for k, v in history[-1].items() if k != "nonfinite"}
-  last["nonfinite_steps"] = float(nonfinite)
+  last.update(nonfinite_steps=float(bad), nonfinite_steps_total=float(guard.total))
   last.update(input_pipeline.global_data_metrics())
   record = logger.progress(step, last)
   if meter is not None:

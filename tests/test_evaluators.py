@@ -368,6 +368,56 @@ def test_zeroshot_on_an_ilsvrc_style_image_folder(tmp_path, mesh):
   assert metrics["num_examples"] == 13.0 and metrics["num_bad_images"] == 1.0
 
 
+def test_zeroshot_class_names_follow_a_labelled_folder(tmp_path, mesh):
+  # Folders named after their classes, written out of order; labels are the sorted order.
+  root = tmp_path / "val"
+  for cls, folder in enumerate(("cat", "dog", "road_sign")):
+    for j in range(2):
+      _write_png(str(root / folder / f"{j}.png"), grey_image(cls))
+  config = tiny_config()
+
+  def top1(words, **fields):
+    """Image of class c embeds as its word's prompt does: a hit iff the prompts are `words`."""
+    text = np.eye(len(WORDS), dtype=np.float32)
+    image = text[[WORDS.index(w) for w in words]]
+    ev = zeroshot.ZeroShotEvaluator(config, KnownModel(image, text), mesh, batch_size=8,
+                                    data=f"folder:{root}", templates=["{}"], **fields)
+    return ev.tasks[""][1], ev.run({})["top1"]
+
+  # Left out, the class names are the folder names, '_' read as a space.
+  assert top1(["cat", "dog", "road"]) == (("cat", "dog", "road sign"), 1.0)
+  # A mapping renames folders; the labels stay in sorted folder order.
+  renamed = {"road_sign": "road", "dog": "house", "cat": "tree"}
+  assert top1(["tree", "house", "road"], classnames=renamed) == (("tree", "house", "road"), 1.0)
+  # A list must name every class; a mapping every folder and nothing else.
+  with pytest.raises(ValueError, match=r"classnames has 2 names but .* has 3 classes"):
+    top1(["cat", "dog", "road"], classnames=["cat", "dog"])
+  with pytest.raises(ValueError, match=r"classnames: .*no name for 'road_sign'.*'bird'"):
+    top1(["cat", "dog", "road"], classnames={"cat": "cat", "dog": "dog", "bird": "bird"})
+  with pytest.raises(ValueError, match=r"classnames has 1000 names but .* has 3 classes"):
+    top1(["cat", "dog", "road"], classnames="imagenet")
+
+
+def test_zeroshot_class_names_of_tfds_and_wordnet_id_classes(tmp_path, mesh):
+  pytest.importorskip("tensorflow_datasets")
+  config, model = tiny_config(), KnownModel(np.eye(3), np.eye(3))
+
+  def names(data, **fields):
+    ev = zeroshot.ZeroShotEvaluator(config, model, mesh, data=data, batch_size=8, **fields)
+    return ev.tasks[""][1]
+
+  # ImageNet's labels are WordNet ids: the default is the ImageNet class names.
+  assert names("tfds:imagenet2012:validation") == classnames.IMAGENET_CLASSNAMES
+  with pytest.raises(ValueError, match=r"classnames has 100 names but .* has 10 classes"):
+    names("tfds:cifar10:test", classnames="cifar100")
+  # Ids and numbers are no words to prompt with: they need classnames.
+  for folder, why in (("n01440764", "WordNet ids"), ("7", "numbers")):
+    _write_png(str(tmp_path / folder / folder / "0.png"), grey_image(0))
+    with pytest.raises(ValueError, match=f"classnames: .*are {why}"):
+      names(f"folder:{tmp_path / folder}")
+    assert names(f"folder:{tmp_path / folder}", classnames={folder: "cat"}) == ("cat",)
+
+
 def test_retrieval_from_a_karpathy_json(tmp_path, mesh):
   images = []
   for i in range(6):

@@ -87,6 +87,14 @@ def test_a_typo_in_a_config_field_is_an_error_naming_it(tmp_path):
   assert "totl_steps" in r.stderr
 
 
+def test_a_start_up_error_is_its_message_without_a_traceback(tmp_path):
+  missing = str(tmp_path / "none" / "000.tar")
+  r = _run_main(str(tmp_path / "x"), f"--config.input.data=wds:{missing}")
+  assert r.returncode != 0
+  assert f"Error: shard pattern {missing!r}: 1 of 1 files do not exist" in r.stderr
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def _tiny_demo_config(total_steps):
   sys.path.insert(0, REPO)
   from configs import demo
@@ -133,9 +141,10 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
   r = _run_main(wd, f"--config.total_steps={step + 2}", "--config.evals.zeroshot.every_steps=0")
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"step {step + 2}/{step + 2}" in r.stdout
+  assert f"Resuming from step {step} (" in r.stdout  # a start-up fact, shown by default
 
 
-def test_init_from_an_openclip_export_loads_towers_and_keeps_a_fresh_head(tmp_path):
+def test_init_from_an_openclip_export_loads_towers_and_keeps_a_fresh_head(tmp_path, capsys):
   from superclip_jax import export, sharding, train_state
   source_cfg = _tiny_demo_config(1)
   source_cfg.seed = 7
@@ -147,6 +156,8 @@ def test_init_from_an_openclip_export_loads_towers_and_keeps_a_fresh_head(tmp_pa
   config.init_from = str(tmp_path / "oc")
   config.lr = 0.0  # one step that changes nothing: the state is what was loaded
   state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert (f"init_from {tmp_path / 'oc'}: openclip layout; kept freshly initialised: class_head"
+          in capsys.readouterr().out)
   fresh = train_state.StateFactory(config, sharding.make_mesh(config.mesh)).fresh_params()
   for tower in ("visual", "text"):
     jax.tree.map(np.testing.assert_array_equal, source_params[tower],

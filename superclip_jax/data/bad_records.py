@@ -1,6 +1,7 @@
 """Counts of records the input pipeline skipped, by reason, for the logged metrics.
 
-Readers and transforms call `count(reason)` instead of raising: a bad record never stops a run.
+Readers and transforms call `count(reason)` instead of raising: a bad record never stops a run,
+but a source that gives only bad ones does (`TooManySkipped`, config.input.max_consecutive_skips).
 The counts are per process and cumulative since it started (they are not checkpointed); they
 include records read ahead into tf.data's buffers, so they can lead the step a little.
 """
@@ -56,3 +57,31 @@ def counts() -> dict[str, int]:
 def reset() -> None:
   with _lock:
     _counts.clear()
+
+
+class TooManySkipped(ValueError):
+  """A source gave config.input.max_consecutive_skips records in a row that were all skipped:
+  a source with nothing usable would otherwise be read forever, silently."""
+
+
+_failures: list[TooManySkipped] = []
+
+
+def too_many_skipped(spec: str, run: int, limit: int) -> TooManySkipped:
+  """The error for `spec` having skipped `run` records in a row, with the reasons so far; kept
+  for the reader of the stream, which ends there (`take_failure`)."""
+  so_far = ", ".join(f"{reason}={n}" for reason, n in counts().items() if n)
+  error = TooManySkipped(
+      f"{spec}: {run} records in a row were skipped, none usable (skipped so far in this "
+      f"process: {so_far or 'none counted'}). Is it the data meant, with the right fields? "
+      f"(docs/data.md, 'Bad records'); config.input.max_consecutive_skips={limit} sets this "
+      "limit (0: none).")
+  with _lock:
+    _failures.append(error)
+  return error
+
+
+def take_failure() -> TooManySkipped | None:
+  """The first `too_many_skipped` error not taken yet (why a training stream ended)."""
+  with _lock:
+    return _failures.pop(0) if _failures else None

@@ -64,6 +64,12 @@ class Source:
     progress = [self._progress(int(g), int(r), len(rows), cycle_length) for g, r in rows]
     return position.restart_at_first_unfinished(progress, origin, self.num_items, new_count)
 
+  def summary(self) -> str:
+    """One line for the start-up facts: the spec and how much it holds."""
+    if not self.num_items:
+      return self.spec
+    return f"{self.spec}: {self.num_items} {self.item_name}{'s' if self.num_items > 1 else ''}"
+
   def eval_records(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
     """This process's part of the records (packed strings), once, in a fixed order."""
     raise NotImplementedError

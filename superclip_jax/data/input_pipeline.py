@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Iterator, Sequence
+import queue
+import threading
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -91,9 +93,39 @@ def _train_examples(config, source: core.Source, source_index: int, position, or
     return out
 
   examples = micro_batches.map(process, num_parallel_calls=tf.data.AUTOTUNE,
-                               deterministic=True).unbatch()
+                               deterministic=True)
+  examples = _stop_after_skips(examples, source.spec,
+                               int(spec.input_field(config, "max_consecutive_skips"))).unbatch()
   examples = examples.filter(lambda ex: ex["_status"] == transforms.OK)
   return examples.map(lambda ex: {k: v for k, v in ex.items() if k != "_status"})
+
+
+def _stop_after_skips(micro_batches: tf.data.Dataset, source_spec: str,
+                      limit: int) -> tf.data.Dataset:
+  """Ends the (endless) stream once `limit` records in a row were skipped, leaving a
+  bad_records.TooManySkipped for its reader (`host_batches`) to raise: an error raised inside
+  tf.data would come wrapped, its traceback logged by TensorFlow. Counted in stream order, so
+  whether and where it stops is deterministic. 0: no limit."""
+  if limit <= 0:
+    return micro_batches
+
+  def count(run, mb):  # run: records skipped since the last good one
+    ok = mb["_status"] == transforms.OK
+    m = tf.size(ok, out_type=tf.int64)
+    last_ok = tf.reduce_max(tf.where(ok, tf.range(m), -1))
+    run = tf.where(last_ok >= 0, m - 1 - last_ok, run + m)
+    return run, (run, mb)
+
+  def give_up(run):
+    bad_records.too_many_skipped(source_spec, int(run), limit)
+    return False
+
+  def go_on(run, mb):
+    del mb
+    return tf.cond(run < limit, lambda: tf.constant(True),
+                   lambda: tf.reshape(tf.numpy_function(give_up, [run], tf.bool), []))
+  return micro_batches.scan(tf.constant(0, tf.int64), count).take_while(go_on).map(
+      lambda run, mb: mb)
 
 
 def _mixed(streams: Sequence[tf.data.Dataset], weights: Sequence[float], seed: int,
@@ -130,7 +162,8 @@ def _finish_batch(config, dual: bool):
 
 def train_dataset(config, start: int = 0, position=None, *, origin=None,
                   process_index: int | None = None, process_count: int | None = None,
-                  with_keys: bool = False) -> tf.data.Dataset:
+                  with_keys: bool = False, report: Callable[[str], None] | None = None
+                  ) -> tf.data.Dataset:
   """This process's slices of the global training batches.
 
   start: global examples consumed so far (train state examples_seen). position: the train
@@ -138,18 +171,23 @@ def train_dataset(config, start: int = 0, position=None, *, origin=None,
   required to resume a file source (start > 0). origin: the train state's data_origin
   [sources, 2] (None: every source from its start). process_index / process_count default to
   JAX's (tests pass them to act as one host of many). with_keys adds '_key' (string [b]: each
-  example's record key) for inspection; a train step cannot take strings.
+  example's record key) for inspection; a train step cannot take strings. report: called with
+  one line per source ('data: SPEC: N shards'), once they are checked.
   """
   p = jax.process_index() if process_index is None else process_index
   n = jax.process_count() if process_count is None else process_count
   local = local_batch_size(config.input.batch_size, n)
   if spec.is_demo(config):
+    if report is not None:
+      report("data: demo")
     ds = demo.train_rows(config, start, p, n)
     ds = ds.map(_finish_batch(config, bool(config.input.demo.long_captions_for_head)),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(ds.prefetch(2), config)
   pairs = spec.mixture(config.input.data)
   srcs = sources.build_sources(config)
+  for src, (_, weight) in zip(srcs if report is not None else (), pairs):
+    report(f"data: {src.summary()}" + (f" (weight {weight:g})" if len(srcs) > 1 else ""))
   resume = this_process_position(position, start, len(srcs), p, n)
   origin = np.zeros((len(srcs), 2), np.int64) if origin is None else np.asarray(origin)
   if origin.shape != (len(srcs), 2):
@@ -202,14 +240,96 @@ def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def prefetch_to_device(iterator: Iterator[dict], sharding, size: int = 2) -> Iterator[dict]:
+class InputStopped(Exception):
+  """`host_batches` stopped waiting for a batch because its `stop()` became true."""
+
+
+_END = object()
+_CLOSE_SECONDS = 60  # how long closing waits for the batch being read (a stalled read: no more)
+
+
+def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], bool] | None = None,
+                 poll_seconds: float = 0.1) -> Iterator[dict]:
+  """The batches of `iterator`, read `size` ahead in a daemon thread.
+
+  The caller waits in Python, where signal handlers run: inside tf.data's C++ `next` they run
+  only once a batch comes, which for input that never comes is never. While waiting, a true
+  `stop()` raises InputStopped. A training stream that ended raises why (a
+  bad_records.TooManySkipped). The thread lets go of the iterator when it stops reading (the
+  generator closed: after the batch being read), and the generator waits for that unless a
+  read is stalled: tf.data torn down at interpreter exit can deadlock.
+  """
+  holder = [iterator]
+  del iterator  # only the reader holds it
+  ready: queue.Queue = queue.Queue(maxsize=size)
+  closed = threading.Event()
+
+  def hand_over(item) -> bool:  # False once the generator is closed
+    while not closed.is_set():
+      try:
+        ready.put(item, timeout=poll_seconds)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def read():
+    it = holder.pop()
+    try:
+      for batch in it:
+        if not hand_over(batch):
+          return
+      hand_over(_END)
+    except Exception as e:  # noqa: BLE001  handed to the consumer
+      hand_over(e)
+    finally:
+      del it  # here, not at exit (a traceback keeps this frame, not the iterator)
+
+  reader = threading.Thread(target=read, name="host_batches", daemon=True)
+  reader.start()
+  reader_done = False
+  try:
+    while True:
+      try:
+        item = ready.get(timeout=poll_seconds)
+      except queue.Empty:
+        if stop is not None and stop():
+          raise InputStopped("stopped while waiting for input") from None
+        continue
+      if item is _END or isinstance(item, Exception):
+        reader_done = True
+        failure = bad_records.take_failure()
+        if failure is not None:
+          raise failure
+        if item is _END:
+          return
+        raise item
+      try:
+        yield item
+      except GeneratorExit:  # closed by the consumer: the reader stops after its batch
+        reader_done = True
+        raise
+  finally:
+    closed.set()
+    if reader_done:
+      reader.join(_CLOSE_SECONDS)
+
+
+def prefetch_to_device(iterator: Iterator[dict], sharding, size: int = 2,
+                       stop: Callable[[], bool] | None = None) -> Iterator[dict]:
   """Keeps `size` batches already handed to the devices: transfers are asynchronous, so the
-  next batches travel while the current step runs."""
-  queue: collections.deque = collections.deque()
-  for batch in iterator:
-    queue.append(to_global(batch, sharding))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+  next batches travel while the current step runs. Host batches come from `host_batches`
+  (`stop`: see there)."""
+  pending: collections.deque = collections.deque()
+  host = host_batches(iterator, 1, stop)  # one more host batch in memory is enough to wait on
+  del iterator  # the reader thread's alone
+  try:
+    for batch in host:
+      pending.append(to_global(batch, sharding))
+      if len(pending) > size:
+        yield pending.popleft()
+    while pending:
+      yield pending.popleft()
+  finally:
+    host.close()
 

@@ -50,6 +50,9 @@ DEFAULTS = dict(
     seed=None,  # None: config.seed
     threads=0,  # tf.data private thread pool per pipeline; 0 = TensorFlow's default
     prefetch=2,  # batches
+    # Records in a row a source may skip (bad_records) before the run stops, naming it: a
+    # source with nothing usable would otherwise be read forever. 0: no limit.
+    max_consecutive_skips=10_000,
     # A resumed run with another number of processes than the one that saved the data
     # position: 'error', or 'restart' file sources where some process had not finished
     # (re-reads, never skips; position.resume_position, docs/data.md). The demo resumes exactly.

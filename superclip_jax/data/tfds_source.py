@@ -85,6 +85,12 @@ class TfdsSource(core.Source):
 
   item_name = "epoch pass"
 
+  def summary(self):
+    try:
+      return f"{self.spec}: {self.builder.info.splits[self.split].num_examples} examples"
+    except Exception:  # noqa: BLE001  (split names tfds cannot size, e.g. before preparing)
+      return self.spec
+
   def train_records(self, *, seed, source_index, group, offset, process_index, process_count,
                     cycle_length, shuffle_buffer, origin=(0, 0)):
     del cycle_length, origin  # TFDS interleaves its own files; restarts move the group only

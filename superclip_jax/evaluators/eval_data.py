@@ -140,6 +140,14 @@ def parse(data: str, needs: str) -> DataSpec:
   return DataSpec(spec, kind, location, options)
 
 
+def class_list(data: DataSpec) -> tuple[str, ...] | None:
+  """The class names the data itself carries, in label order: a folder's sub-folders (sorted),
+  a TFDS ClassLabel's names; None for shards and the demo (their labels are bare numbers)."""
+  if data.kind not in ("folder", "tfds"):
+    return None
+  return sources.from_spec(data.spec, _fields(data, LABELS)).classnames
+
+
 def _fields(data: DataSpec, needs: str) -> data_spec.Fields:
   """The record fields an eval reads unless the spec's options (?image=, ...) say otherwise."""
   if data.kind == "tfds" and needs == CAPTIONS:

@@ -9,11 +9,14 @@ least as high as the true class (ties count against the model; see `common.rank_
     config.evals.zeroshot_imagenet = dict(
         type='zeroshot', every_steps=2000, batch_size=1024,
         data='folder:/data/imagenet/val',  # or 'tfds:imagenet2012:validation'
-        classnames='imagenet', templates='openai_imagenet')
+        templates='openai_imagenet')  # classnames: the data's own (1,000 ids: 'imagenet')
 
 Fields: the keyword-only arguments of `ZeroShotEvaluator` (docs/evaluation.md).
 """
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -62,13 +65,69 @@ def resolve(classnames, templates) -> tuple[tuple[str, ...], tuple[str, ...]]:
   return classnames, templates
 
 
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def class_names(classnames, data_classes: Sequence[str] | None, spec: str):
+  """What `resolve` makes the prompts from, checked against the classes the data carries.
+
+  classnames: None (the data's own names: a folder's with '_' read as a space, TFDS
+  ClassLabel names; 1,000 WordNet ids mean 'imagenet'), a built-in list name or a list (one
+  name per class, in label order), or a mapping {data class name: prompt name}.
+  data_classes: `eval_data.class_list` (None: the data has no class names to check against).
+  """
+  if isinstance(classnames, Mapping) or hasattr(classnames, "to_dict"):
+    mapping = dict(classnames.to_dict() if hasattr(classnames, "to_dict") else classnames)
+    if data_classes is None:
+      raise ValueError(f"classnames: a mapping renames the data's classes, and {spec} has no "
+                       "class names: give a list, one name per label")
+    missing = [c for c in data_classes if c not in mapping]
+    unknown = sorted(set(mapping) - set(data_classes))
+    if missing or unknown:
+      problems = ([f"has no name for {_listed(map(repr, missing))}"] if missing else []) + (
+          [f"names {_listed(map(repr, unknown))}, not a class"] if unknown else [])
+      raise ValueError(f"classnames: the mapping {'; '.join(problems)} of {spec} (its "
+                       f"{len(data_classes)} classes: {_listed(data_classes)})")
+    return tuple(str(mapping[c]) for c in data_classes)
+  if classnames is None:
+    if data_classes is None:
+      raise ValueError(f"classnames: {spec} has no class names; give them (a list in label "
+                       f"order, or one of {sorted(CLASSNAMES)})")
+    if all(_WORDNET_ID.fullmatch(c) for c in data_classes):
+      if len(data_classes) == len(names.IMAGENET_CLASSNAMES):
+        return "imagenet"  # ILSVRC's ids, sorted: the order of IMAGENET_CLASSNAMES
+      raise ValueError(f"classnames: the classes of {spec} are WordNet ids "
+                       f"({data_classes[0]}, ...), not words to prompt with: give classnames "
+                       "(a list in sorted-id order, or a mapping {id: name})")
+    if all(c.isdigit() for c in data_classes):  # e.g. a TFDS ClassLabel given no names
+      raise ValueError(f"classnames: the classes of {spec} are numbers ({data_classes[0]}, "
+                       "...), not words to prompt with: give classnames (a list in label "
+                       "order, or a mapping {class: name})")
+    return tuple(c.replace("_", " ") for c in data_classes)
+  count = (len(CLASSNAMES[classnames]) if isinstance(classnames, str)
+           and classnames in CLASSNAMES else None if isinstance(classnames, str)
+           else len(classnames))
+  if data_classes is not None and count is not None and count != len(data_classes):
+    raise ValueError(f"classnames has {count} names but {spec} has {len(data_classes)} classes "
+                     f"({_listed(data_classes)}): give one name per class in label order, a "
+                     "mapping {class: name}, or leave it out for the data's own names")
+  return classnames
+
+
+def _listed(items, shown: int = 5) -> str:
+  items = list(items)
+  return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
 class ZeroShotEvaluator:
   """Top-k accuracy of classifying `data`'s images by their nearest class prompt embedding.
 
   Args (fields of the eval's config; defaults in the signature):
     data: labelled eval data (`eval_data`); the demo has three tasks (colour, shape,
       position), each with its own classes and templates, reported as '{task}_top1'.
-    classnames: a built-in list name (CLASSNAMES) or a list of names (not for the demo).
+    classnames: None (the data's own class names: a folder's, TFDS ClassLabel names), a
+      built-in list name (CLASSNAMES), a list (one per class, in label order) or a mapping
+      {data class name: prompt name} (`class_names`); not for the demo.
     templates: a built-in list name (TEMPLATES), a list of '...{}...' strings, or None: the
       class names' DEFAULT_TEMPLATES ('openai_imagenet' for a list of names).
     batch_size: global image batch, a multiple of the device and process counts.
@@ -78,7 +137,7 @@ class ZeroShotEvaluator:
   """
   needs_text = True
 
-  def __init__(self, config, model, mesh, *, data: str = "demo", classnames="imagenet",
+  def __init__(self, config, model, mesh, *, data: str = "demo", classnames=None,
                templates=None, batch_size: int = 256, text_batch_size: int | None = None,
                num_examples: int | None = None, ks=(1, 5)):
     self.config = config
@@ -94,7 +153,8 @@ class ZeroShotEvaluator:
       # task -> (label field, class names, templates)
       self.tasks = {task: (task, *resolve(c, t)) for task, (c, t) in demo.ZEROSHOT_TASKS.items()}
     else:
-      self.tasks = {"": ("label", *resolve(classnames, templates))}
+      chosen = class_names(classnames, eval_data.class_list(self.data), self.data.spec)
+      self.tasks = {"": ("label", *resolve(chosen, templates))}
     self._tokens = {}  # task -> prompt tokens [classes * templates, context], made once
 
     def encode_text(params, batch):
