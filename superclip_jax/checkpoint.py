@@ -2,8 +2,11 @@
 
 A workdir holds `config.json` (the run's config, written at start) and `checkpoints/<step>/`.
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-crash mid-write never leaves a checkpoint that would be picked up; a restart restores the
-latest complete one.
+crash mid-write never leaves a checkpoint that would be picked up. Each checkpoint also
+carries a fingerprint of its state (`fingerprint`, in its Orbax metadata), which a restore
+checks, together with the state's finiteness: damaged bytes are found before they are
+trained on. A restart restores the newest checkpoint that reads and verifies
+(`Checkpointer.restore_newest_good`), moving the ones that do not to `unusable_checkpoints/`.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 CONFIG_FILE = "config.json"
+UNUSABLE_DIR = "unusable_checkpoints"  # checkpoints that failed to restore, moved aside
 # Train-state fields added after checkpoints were first written: zeros when a checkpoint has
 # none (their meaning at zero is what older runs did).
 _ZEROS_IF_ABSENT = ("data_origin",)
@@ -75,6 +80,11 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True,
                       custom_metadata=metadata or {})
 
+  def save_verified(self, step: int, state, metadata: dict | None = None,
+                    keep: int | None = None) -> None:
+    """`save`, with the state's fingerprint in the metadata for `restore` to check."""
+    self.save(step, state, {**(metadata or {}), FINGERPRINT_KEY: fingerprint(state)}, keep)
+
   def metadata(self, step: int) -> dict:
     """The `metadata` saved with a step ({} for checkpoints written without)."""
     return dict(self.manager.metadata(step).custom_metadata or {})
@@ -108,7 +118,67 @@ class Checkpointer:
                                     sharding=leaf.sharding)
       target[field.name] = leaf
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    _verify(restored, self.metadata(step).get(FINGERPRINT_KEY), self.directory / str(step))
     return type(abstract_state)(**restored, **absent)
+
+  def restore_newest_good(self, abstract_state, allow_none: bool = False):
+    """(state, step) of the newest checkpoint that restores and verifies; (None, None) if
+    there is none.
+
+    A checkpoint that fails (unreadable, damaged, not finite) is logged with the reason and
+    moved to WORKDIR/unusable_checkpoints/ (never deleted: the run will write its step
+    again). When checkpoints exist and none is usable, raises UnusableCheckpointsError unless
+    `allow_none` (config.ignore_unusable_checkpoints).
+    """
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(abstract_state, step)
+        error = None
+      except Exception as e:  # noqa: BLE001  Orbax / TensorStore / our checks: all mean unusable
+        state, error = None, e
+      if jax.process_count() > 1:  # usable only if every process could read its part
+        from jax.experimental import multihost_utils
+        ok = multihost_utils.process_allgather(np.int32(error is None))
+        if error is None and not np.all(ok):
+          state, error = None, UnusableCheckpointError("another process could not read it")
+      if error is None:
+        if failed:
+          self._move_aside(failed)
+        return state, step
+      failed.append((step, _reason(error)))
+      logging.warning("Checkpoint %s is unusable, trying an older one: %s",
+                      self.directory / str(step), _reason(error))
+    if not failed:
+      return None, None
+    listing = "\n".join(f"  step {s}: {why}" for s, why in failed)
+    if not allow_none:
+      raise UnusableCheckpointsError(
+          f"{self.directory} holds checkpoints, but none is usable:\n{listing}\nNothing "
+          "was changed. Restore them from a copy, or set "
+          "config.ignore_unusable_checkpoints=True to move them to "
+          f"{self.directory.parent / UNUSABLE_DIR} and start again (from config.init_from, "
+          "if set, or from scratch).")
+    self._move_aside(failed)
+    return None, None
+
+  def _move_aside(self, failed) -> None:
+    """Moves unusable checkpoints out of the manager's sight; a save may write their step."""
+    target = self.directory.parent / UNUSABLE_DIR
+    if jax.process_index() == 0:
+      target.mkdir(parents=True, exist_ok=True)
+      for step, why in failed:
+        dest = target / str(step)
+        n = 1
+        while dest.exists():
+          n += 1
+          dest = target / f"{step}.{n}"
+        (self.directory / str(step)).rename(dest)
+        logging.warning("Moved the unusable checkpoint of step %d to %s (%s)", step, dest, why)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("superclip_jax: unusable checkpoints moved")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -116,6 +186,88 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class UnusableCheckpointError(ValueError):
+  """A checkpoint whose bytes do not match its fingerprint, or whose state is not finite."""
+
+
+class UnusableCheckpointsError(ValueError):
+  """Checkpoints exist, but none restores and verifies."""
+
+
+FINGERPRINT_KEY = "fingerprint"
+
+
+def fingerprint(state) -> dict[str, list[int]]:
+  """{leaf path: [sum, position-weighted sum]} of the state's bits, as uint32 (mod 2**32).
+
+  Integer sums do not depend on the order of addition, so any mesh and sharding give the same
+  fingerprint; the weighted sum also catches values moved within an array. One pass over the
+  state on its devices, then a few bytes per leaf to the host.
+  """
+  if dataclasses.is_dataclass(state):  # named by field, as the restored dict is
+    state = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  paths, leaves = _named_leaves(state)
+  sums = jax.device_get(_fingerprint_sums(leaves))
+  return {p: [int(a), int(b)] for p, (a, b) in zip(paths, sums)}
+
+
+def _named_leaves(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [jax.tree_util.keystr(p) for p, _ in flat], [x for _, x in flat]
+
+
+@jax.jit
+def _fingerprint_sums(leaves):
+  return [_sums(x) for x in leaves]
+
+
+def _sums(x):
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 8:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  if words.ndim == 0:
+    return words, words
+  index = jnp.zeros(words.shape, jnp.uint32)  # row-major position, without a reshape
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
+    stride = (stride * words.shape[axis]) % 2**32
+  return jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _all_finite(leaves):
+  checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def _verify(restored: dict, saved: dict | None, where) -> None:
+  """Raises UnusableCheckpointError when `restored` differs from the fingerprint taken at
+  save time (None: a checkpoint written before fingerprints; only finiteness is checked)."""
+  if saved is not None:
+    now = fingerprint(restored)
+    differ = [p for p, v in now.items() if p in saved and list(saved[p]) != v]
+    if differ:
+      raise UnusableCheckpointError(
+          f"{where}: the bytes of {len(differ)} arrays differ from what was saved "
+          f"({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}): the files were "
+          "damaged after writing")
+  if not bool(_all_finite(_named_leaves(restored)[1])):
+    raise UnusableCheckpointError(f"{where}: the restored state has NaN or Inf values (no "
+                                  "trained state has them: the files were damaged)")
+
+
+def _reason(error: BaseException) -> str:
+  """One line: the error's type and the first line of its message."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
 class _KeepSteps:

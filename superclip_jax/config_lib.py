@@ -115,9 +115,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = ((".*", "replicate"),)
   c.init_from = ""  # a PyTorch CLIP/SuperCLIP checkpoint (file or OpenCLIP directory)
   c.nan_policy = "stop"  # 'stop' | 'skip': what a non-finite loss or gradient does
+  # Checkpoints exist but none restores and verifies: False refuses to start; True moves them
+  # to WORKDIR/unusable_checkpoints/ and starts again (init_from, or from scratch).
+  c.ignore_unusable_checkpoints = False
   # 'skip' stops the run past this many skipped steps in any nonfinite_window steps.
   c.max_nonfinite_steps = 10
   c.nonfinite_window = 100
+
+  # Multi-process runs agree every this many steps whether a preemption notice reached any
+  # process (a host RPC, no device sync); a peer missing that check for
+  # preemption_barrier_seconds is taken as dead (superclip_jax/preemption.py).
+  c.preemption_check_steps = 1
+  c.preemption_barrier_seconds = 600.0
 
   c.log_training_steps = 50
   c.ckpt_steps = 1000

@@ -1,6 +1,7 @@
 """The device mesh and where every array lives on it.
 
-The mesh has two axes, 'data' and 'fsdp'; the batch is split over both. Parameters and
+The mesh has two axes, 'data' and 'fsdp'; the batch is split over both (over several TPU slices,
+'data' is the axis that crosses slices: `multislice_device_array`). Parameters and
 optimizer state are placed by `config.sharding_rules` (regex over parameter names, first match
 wins):
   'replicate'            a full copy on every device
@@ -11,10 +12,12 @@ wins):
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from superclip_jax import param_rules, scan_layout
@@ -37,7 +40,37 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   if math.prod(sizes) != n:
     raise ValueError(f"config.mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} "
                      f"devices, but {n} are available; use -1 for one axis to fill")
+  if slice_count(devices) > 1:
+    return Mesh(multislice_device_array(sizes, devices), BATCH_AXES)
   return Mesh(np.asarray(devices).reshape(sizes), BATCH_AXES)
+
+
+def slice_count(devices) -> int:
+  """How many Cloud TPU slices (multislice) `devices` span; 1 off TPU or without slice_index."""
+  if not devices or getattr(devices[0], "platform", None) != "tpu":
+    return 1
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multislice_device_array(sizes, devices) -> np.ndarray:
+  """[data, fsdp] devices over several TPU slices: 'data' is split across the slices (their
+  gradients meet over the slower data-centre network, DCN, once a step) and everything else
+  stays inside a slice on its fast interconnect (ICI): each slice holds `data / slices` whole
+  rows, laid out by `mesh_utils` for its torus."""
+  data, fsdp = sizes
+  per_slice = collections.Counter(getattr(d, "slice_index", 0) for d in devices)
+  slices = len(per_slice)
+  if len(set(per_slice.values())) != 1:
+    raise ValueError(f"The devices span {slices} TPU slices of unequal sizes "
+                     f"{dict(sorted(per_slice.items()))} (slice_index: devices); a multislice "
+                     "run needs slices of one accelerator type")
+  if data % slices:
+    raise ValueError(
+        f"config.mesh.data={data} must be a multiple of the {slices} TPU slices the devices "
+        "span: 'data' is the axis split across slices (over the data-centre network; FSDP "
+        f"stays inside a slice); e.g. --config.mesh.data={slices} --config.mesh.fsdp=-1")
+  return mesh_utils.create_hybrid_device_mesh(
+      (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

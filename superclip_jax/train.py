@@ -4,7 +4,6 @@ The step itself is `train_step.train_step` (gradient accumulation: `gradient_acc
 """
 from __future__ import annotations
 
-import signal
 import time
 
 import jax
@@ -13,31 +12,12 @@ from absl import logging
 from etils import epath
 
 from superclip_jax import checkpoint, config_history, config_lib, evaluators, host_malloc
-from superclip_jax import metrics_log, mfu, nonfinite, optim, sharding, train_state, train_step
-from superclip_jax import versions, workdir_lock
+from superclip_jax import metrics_log, mfu, nonfinite, optim, preemption, sharding, train_state
+from superclip_jax import train_step, versions, workdir_lock
 from superclip_jax.data import input_pipeline, position
 
 
 NonFiniteError = nonfinite.NonFiniteError
-
-
-class _Preemption:
-  """Turns SIGTERM (a preemption notice) into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. called from a test runner thread)
-      self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None
@@ -86,16 +66,17 @@ def _train(config, workdir, stop_after):
                                     position=np.asarray(jax.device_get(state.data_position)),
                                     origin=np.asarray(jax.device_get(state.data_origin)),
                                     report=_say)
-  preemption = _Preemption()
+  stop = preemption.Preemption(config.get("preemption_check_steps", 1),
+                               config.get("preemption_barrier_seconds", 600.0))
   # Waits for input in Python, checking the flag: a preemption stops even a stalled read.
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
                                               sharding.batch_sharding(mesh),
-                                              stop=lambda: preemption.requested)
+                                              stop=lambda: stop.local)
   pending = []  # per-step metrics still on device, fetched at log steps
   compiled = meter = None
   profile = tuple(config.get("profile_steps", ()))
   try:
-    batch = _next_batch(batches, None, start_step + 1)
+    batch = _next_batch(batches, None, start_step + 1, stop)
     for step in range(start_step + 1, config.total_steps + 1):
       if batch is None:  # preempted before the first batch came: nothing new to save
         break
@@ -109,12 +90,17 @@ def _train(config, workdir, stop_after):
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
       pending.append(metrics)
+      if config.nan_policy == "stop" and len(pending) > 1:  # the step before: it is done or
+        if pending[-2]["nonfinite"]:  # nearly, and this one queued behind it keeps the
+          guard.update(jax.device_get(pending[:-1]), step - 1)  # devices busy (no stall)
       last = step == config.total_steps
-      if step == stop_after:
-        preemption.requested = True
-      if not (last or preemption.requested):  # fetched now, so a preemption while waiting
-        batch = _next_batch(batches, meter, step + 1)  # saves this step below
-      if step % config.log_training_steps == 0 or last or preemption.requested:
+      if step == stop_after:  # every process alike: no agreement needed
+        stop.requested = True
+      elif not last:
+        stop.agree(step)
+      if not (last or stop.requested):  # fetched now, so a preemption while waiting
+        batch = _next_batch(batches, meter, step + 1, stop)  # saves this step below
+      if step % config.log_training_steps == 0 or last or stop.requested:
         _log_training(logger, step, pending, guard, meter, first_record, compiled)
         pending, first_record = [], None
       for name, every, evaluator in evals:
@@ -125,18 +111,21 @@ def _train(config, workdir, stop_after):
                        | {f"{name}/seconds": time.monotonic() - t0})
           if host_malloc.active():  # its buffers would otherwise fragment the kept heap
             host_malloc.release()
-      if step % config.ckpt_steps == 0 or last or preemption.requested:
+      if step % config.ckpt_steps == 0 or last or stop.requested:
         guard.update(jax.device_get(pending), step)  # raises past the limit: no save
         keep = guard.before_save(step)
-        ckpt.save(step, state, guard.metadata(step), keep)
-      if preemption.requested:
+        ckpt.save_verified(step, state, guard.metadata(step), keep)
+      if stop.requested:
+        ckpt.wait()  # the handlers stay ours until it is written: a second notice waits
         logging.warning("Preempted: saved step %d, exiting.", step)
         break
   finally:
     batches.close()  # the reader thread lets go of the tf.data iterator
-    preemption.restore()
-    ckpt.close()
-    logger.close()
+    try:
+      ckpt.close()  # waits for the last save
+    finally:
+      stop.restore()
+      logger.close()
   return state
 
 
@@ -146,13 +135,15 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _next_batch(batches, meter, step: int):
-  """The batch for `step`, or None if a preemption came while waiting for it (then the flag
-  is set: the loop saves the last step done and leaves)."""
+def _next_batch(batches, meter, step: int, stop: preemption.Preemption):
+  """The batch for `step`, or None if a preemption came while waiting for it (then
+  `stop.requested` is set: the loop saves the last step done and leaves; with several
+  processes, the others are then stuck in the next step until the job is torn down)."""
   try:
     return meter.wait(lambda: next(batches)) if meter else next(batches)
   except input_pipeline.InputStopped:
     logging.warning("Preempted while waiting for input for step %d.", step)
+    stop.requested = True
     return None
 
 
@@ -172,7 +163,14 @@ def _restore_or_create(config, factory, ckpt, changed):
 
   changed: the config fields that differ from the workdir's last run (`config_history`).
   """
-  step = ckpt.latest_step()
+  state = step = None
+  if ckpt.latest_step() is not None:
+    abstract = factory.abstract_with_shardings()
+    new_optimizer = config_history.optimizer_changed(changed)
+    if new_optimizer:  # read the saved optimizer state as it was laid out, then start afresh
+      abstract = abstract.replace(opt_state=_saved_optimizer_state(config, factory, changed))
+    state, step = ckpt.restore_newest_good(
+        abstract, allow_none=bool(config.get("ignore_unusable_checkpoints", False)))
   if step is None:
     if not config.init_from:
       return factory.create(), nonfinite.Guard(config)
@@ -185,11 +183,6 @@ def _restore_or_create(config, factory, ckpt, changed):
                     "step %d (a new --workdir starts from init_from)", config.init_from,
                     ckpt.directory, step)
   _say(f"Resuming from step {step} ({ckpt.directory})")
-  abstract = factory.abstract_with_shardings()
-  new_optimizer = config_history.optimizer_changed(changed)
-  if new_optimizer:  # read the saved optimizer state as it was laid out, then start afresh
-    abstract = abstract.replace(opt_state=_saved_optimizer_state(config, factory, changed))
-  state = ckpt.restore(abstract)
   if new_optimizer:
     logging.warning("config.frozen or config.grad_clip_norm changed: parameters, counts and "
                     "the data position are restored, the optimizer state starts afresh")

@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import tarfile
@@ -74,7 +75,7 @@ def test_tables_to_shards(tmp_path):
   for table in ("t.csv", "t.jsonl"):
     samples = make_shards.samples_from_table(str(tmp_path / table), "path", "title", "recap")
     out = str(tmp_path / f"out_{table}")
-    paths = make_shards.write_shards(samples, out, shard_size=10, max_size=20)
+    paths = make_shards.write_shards(samples, out, shard_size=10, max_size=20, seed=None)
     got = list(webdataset.read_shard(paths[0]))
     assert [s["txt"] for s in got] == [f"red {i}".encode() for i in range(4)]
     assert json.loads(got[2]["json"])["long_caption"] == "a long caption 2"
@@ -95,11 +96,64 @@ def test_shards_are_plain_ustar(tmp_path, folder):
                                            "0000000.cls"]  # shard 00000, index 00
 
 
-def test_command_line(tmp_path, folder):
-  out = str(tmp_path / "cli")
-  result = subprocess.run(
-      [sys.executable, "-m", "superclip_jax.tools.make_shards", f"--input={folder}",
-       f"--output={out}", "--shard_size=4"], capture_output=True, text=True, timeout=120,
-      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-  assert result.returncode == 0, result.stderr
-  assert f"wds:{out}/{{00000..00001}}.tar" in result.stdout
+def _contents(paths):
+  """Every sample's (source image, caption, class) and each shard's set of classes."""
+  shards = [[json.loads(s["json"]) for s in webdataset.read_shard(p)] for p in paths]
+  samples = [(m["source"], m["caption"], m.get("class")) for shard in shards for m in shard]
+  return samples, [{m.get("class") for m in shard} for shard in shards]
+
+
+def _read_bytes(paths):
+  return [pathlib.Path(p).read_bytes() for p in paths]
+
+
+@pytest.fixture
+def sorted_folder(tmp_path):
+  """4 classes x 8 images: read in order, the classes come one after another."""
+  root = tmp_path / "sorted"
+  for c in range(4):
+    for i in range(8):
+      _save(str(root / f"class{c}" / f"{i}.png"), (60 * c, 8 * i, 0), "PNG", size=(4, 4))
+  return str(root)
+
+
+def test_shuffle_mixes_classes_across_shards(sorted_folder, tmp_path):
+  expected = [(s.image_path, s.caption, s.classname)
+              for s in make_shards.samples_from_folder(sorted_folder)]
+  write = lambda name, seed: make_shards.write_shards(
+      make_shards.samples_from_folder(sorted_folder), str(tmp_path / name), shard_size=8,
+      seed=seed)
+  # In order, each shard holds one class: the skew a reader of few shards at a time sees.
+  ordered, classes = _contents(write("ordered", None))
+  assert ordered == expected and classes == [{f"class{c}"} for c in range(4)]
+  paths = write("seed0", 0)
+  samples, classes = _contents(paths)
+  assert len(paths) == 4 and all(len(c) >= 3 for c in classes), classes
+  assert samples != expected and sorted(samples) == sorted(expected)  # none lost or repeated
+  assert _read_bytes(write("seed0_again", 0)) == _read_bytes(paths)  # the seed decides
+  assert _contents(write("seed1", 1))[0] != samples
+  # The same order as the documented Python function's.
+  assert [s[0] for s in samples] == [
+      s.image_path for s in make_shards.shuffled(make_shards.samples_from_folder(sorted_folder),
+                                                 0)]
+
+
+def test_command_line(tmp_path, sorted_folder):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  runs = {}
+  for name, extra in (("default", []), ("no_shuffle", ["--noshuffle"])):
+    out = str(tmp_path / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "superclip_jax.tools.make_shards", f"--input={sorted_folder}",
+         f"--output={out}", "--shard_size=10"] + extra, capture_output=True, text=True,
+        timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"wds:{out}/{{00000..00003}}.tar" in result.stdout
+    runs[name] = sorted(os.path.join(out, f) for f in os.listdir(out))
+  # The default is seed 0's shuffle; --noshuffle keeps the folder's order.
+  want = make_shards.write_shards(make_shards.samples_from_folder(sorted_folder),
+                                  str(tmp_path / "api"), shard_size=10, seed=0)
+  assert _read_bytes(runs["default"]) == _read_bytes(want)
+  ordered, _ = _contents(runs["no_shuffle"])
+  assert [s[0] for s in ordered] == [
+      s.image_path for s in make_shards.samples_from_folder(sorted_folder)]

@@ -57,3 +57,15 @@ def test_the_kept_step_is_released_once_a_window_passes_without_a_bad_step():
   assert guard.before_save(8) is None and guard.total == 1
   with pytest.raises(nonfinite.NonFiniteError, match="3 non-finite steps in the last 4"):
     guard.update([bad, ok, bad, bad], 12)
+
+
+def test_stop_policy_stops_right_after_the_bad_step_not_at_the_next_log_step(
+    tmp_path, monkeypatch):
+  _poison_from(monkeypatch, 3)
+  config = tiny_config(total_steps=12, ckpt_steps=2, keep_ckpts=5, log_training_steps=10,
+                       nan_policy="stop")
+  with pytest.raises(nonfinite.NonFiniteError, match=r"1 of the last 3 steps \(up to step 3\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  assert ckpt.all_steps() == [2]  # nothing after the bad step, though 4 was a checkpoint step
+  ckpt.close()

@@ -142,11 +142,9 @@ def test_a_signal_while_waiting_for_the_first_batch_stops_the_run(tmp_path, sign
   assert time.monotonic() - start < 30
   log.seek(0)
   err = log.read()
-  if signum == signal.SIGTERM:  # a preemption: leaves cleanly (nothing was trained to save)
-    assert proc.returncode == 0, err[-3000:]
-    assert "Preempted while waiting for input" in err
-  else:
-    assert proc.returncode != 0
+  # A preemption, or a first Ctrl-C: leaves cleanly (nothing was trained to save).
+  assert proc.returncode == 0, err[-3000:]
+  assert "Preempted while waiting for input" in err
 
 
 def test_sigterm_while_input_stalls_mid_run_saves_the_last_step(tmp_path, monkeypatch):

@@ -9,6 +9,9 @@
   python -m superclip_jax.tools.make_shards --input=captions.csv --output=gs://b/shards \
       --image_column=filepath --caption_column=title --long_caption_column=recap
 
+Samples are shuffled across shards (--seed, default 0; the same seed gives the same shards)
+so that every shard mixes the classes of a class-sorted folder: a reader interleaves only a few
+shards at a time (config.input.cycle_length). --noshuffle keeps the input order.
 Images that do not decode are reported and skipped. Each sample is `{key}.jpg|png|webp` +
 `{key}.txt` + `{key}.json` ({"key", "caption", "source", and "label"/"class"/"long_caption"
 when known}); with class folders also `{key}.cls` (the class index).
@@ -24,6 +27,7 @@ import dataclasses
 import io
 import json
 import os
+import random
 import tarfile
 from typing import Iterable, Iterator, Sequence
 
@@ -134,13 +138,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes):
   tar.addfile(info, io.BytesIO(data))
 
 
+def shuffled(samples: Iterable[Sample], seed: int) -> list[Sample]:
+  """`samples` in an order drawn from `seed` alone (the same seed, the same order)."""
+  samples = list(samples)  # paths and captions only: millions fit in memory
+  random.Random(seed).shuffle(samples)
+  return samples
+
+
 def write_shards(samples: Iterable[Sample], output: str, shard_size: int = 10_000,
-                 max_size: int = 0) -> list[str]:
+                 max_size: int = 0, seed: int | None = 0) -> list[str]:
   """Writes OUTPUT/00000.tar, ... with `shard_size` samples each; returns the shard paths.
+  seed: shuffle the samples across shards with it (`shuffled`); None keeps their order.
   Unreadable images are reported and skipped."""
   import tensorflow as tf
   if shard_size <= 0:
     raise ValueError(f"--shard_size must be positive, got {shard_size}")
+  if seed is not None:
+    samples = shuffled(samples, seed)
   tf.io.gfile.makedirs(output)
   digits = len(str(shard_size - 1))
   paths: list[str] = []
@@ -199,6 +213,8 @@ flags.DEFINE_string("template", "a photo of a {}.", "Caption from a class folder
 flags.DEFINE_string("image_column", "image", "Table column with the image path.")
 flags.DEFINE_string("caption_column", "caption", "Table column with the caption.")
 flags.DEFINE_string("long_caption_column", "", "Table column with a long caption (optional).")
+flags.DEFINE_integer("seed", 0, "Seed of the shuffle across shards.")
+flags.DEFINE_bool("shuffle", True, "Shuffle samples across shards (--noshuffle: input order).")
 
 
 def main(argv):
@@ -210,7 +226,8 @@ def main(argv):
                                  FLAGS.long_caption_column)
   else:
     samples = samples_from_folder(FLAGS.input, FLAGS.template)
-  paths = write_shards(samples, FLAGS.output, FLAGS.shard_size, FLAGS.max_size)
+  paths = write_shards(samples, FLAGS.output, FLAGS.shard_size, FLAGS.max_size,
+                       FLAGS.seed if FLAGS.shuffle else None)
   print(f"wrote {len(paths)} shard(s); config.input.data = {shard_spec(paths)!r}")
 
 
