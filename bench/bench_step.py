@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (get_config).",
@@ -91,6 +92,7 @@ def main(argv):
     config.input.batch_size = FLAGS.batch_per_device * mesh.size
   config.accum_steps = config.get("accum_steps", 1)
   config.input.data = "demo"  # the bench feeds synthetic batches; no data is read
+  config.evals = ml_collections.ConfigDict()  # nor evaluates: the paper evals' data may be unset
   config_lib.validate(config)
   info = versions.collect()
   print(versions.summary(info), flush=True)

@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ((".*", "replicate"),)
   c.init_from = ""  # a PyTorch CLIP/SuperCLIP checkpoint (file or OpenCLIP directory)
+  # The global batch an official SuperCLIP init_from checkpoint was trained at: its cap_fq /
+  # num_samples statistics become exact IDF counts at that batch (0: input.batch_size).
+  c.init_from_batch_size = 0
   c.nan_policy = "stop"  # 'stop' | 'skip': what a non-finite loss or gradient does
   # Checkpoints exist but none restores and verifies: False refuses to start; True moves them
   # to WORKDIR/unusable_checkpoints/ and starts again (init_from, or from scratch).
@@ -136,8 +139,54 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def paper_recipe(mode: str, variant: str, contrastive: str = "softmax"):
-  """The SuperCLIP paper's training recipe (superclip_vit_b16_s512m_bs16k)."""
+# config.input.data and eval `data` fields of the paper recipes: the user's data, which
+# `validate` asks for by name (only configs/demo.py has built-in data).
+NO_DATA = ""
+DATA_EXAMPLE = "--config.input.data='wds:gs://BUCKET/shards/{00000..04095}.tar'"
+
+# The paper's evaluations (models with a text tower), chosen with the config arg
+# `evals=imagenet+coco` (the default; 'none' for neither); each needs its `data` set.
+PAPER_EVALS = {
+    "imagenet": ("zeroshot_imagenet", dict(  # ImageNet-1k zero-shot, CLIP's 80 templates
+        type="zeroshot", every_steps=2000, batch_size=1024, data=NO_DATA,
+        templates="openai_imagenet")),
+    "coco": ("retrieval_coco", dict(  # COCO 5k (Karpathy test split), 5 captions per image
+        type="retrieval", every_steps=2000, batch_size=1024, data=NO_DATA)),
+}
+# What each eval's `data` may be set to, for the error that asks for it.
+EVAL_DATA_EXAMPLES = {
+    "zeroshot_imagenet": "folder:/data/imagenet/val (the ILSVRC2012 val folder) or "
+                         "tfds:imagenet2012:validation",
+    "retrieval_coco": "tfds:coco_captions:test or "
+                      "'karpathy:/data/dataset_coco.json?image_dir=/data/coco'",
+}
+
+# Per-backend starting points for the paper recipes (`platform=` config arg): reasoned from
+# the chips' memory, not measured here; time them with bench/bench_step.py before a long run.
+PLATFORMS = {
+    # 16 GiB HBM per chip: FSDP over every chip shards the float32 weights, gradients and AdamW
+    # moments (16 bytes a parameter: 3.0 GB for SuperCLIP B/16, 7.7 GB for L/16 if replicated),
+    # full remat keeps only each block's input, scan compiles one block per tower.
+    "tpu-v5e-256": dict(model=dict(scan_layers=True, remat_policy="full"),
+                        mesh=dict(data=1, fsdp=-1), sharding_rules=((".*", "fsdp"),)),
+    # One 8-GPU node, 2,048 images per GPU: data parallel (the weights fit on every GPU, NVLink
+    # all-reduces the gradients), cuDNN flash attention (an error, not a silent fallback, where
+    # it cannot run), full remat for the activations, scan for compile time.
+    "gpu-h100x8": dict(model=dict(scan_layers=True, remat_policy="full", attention="cudnn"),
+                       mesh=dict(data=-1, fsdp=1), sharding_rules=((".*", "replicate"),)),
+}
+# Config args every paper config takes (besides its own mode/variant/contrastive).
+PAPER_ARGS = dict(platform="", evals="imagenet+coco")
+
+
+def paper_recipe(mode: str, variant: str, contrastive: str = "softmax", *,
+                 platform: str = "", evals: str = PAPER_ARGS["evals"]):
+  """The SuperCLIP paper's training recipe (superclip_vit_b16_s512m_bs16k).
+
+  The data and the eval data are the user's: `config.input.data` and each paper eval's
+  `data` start unset, and `validate` names them. platform: a PLATFORMS key ('' = none);
+  evals: PAPER_EVALS keys joined by '+' ('none' or '' = no evals).
+  """
   c = base_config()
   c.model.mode = mode
   c.model.variant = variant
@@ -145,11 +194,36 @@ def paper_recipe(mode: str, variant: str, contrastive: str = "softmax"):
   if contrastive == "sigmoid":  # OpenCLIP's SigLIP init: scale ln 10, bias -10
     c.model.logit_bias = -10.0
     c.model.logit_scale_init = math.log(10.0)
+  c.input.data = NO_DATA
   c.input.batch_size = 16_384
   c.total_steps = 512_000_000 // c.input.batch_size  # 31,250
   c.log_training_steps = 50
   c.ckpt_steps = 1000
+  _apply_platform(c, platform)
+  chosen = [e for e in evals.split("+") if e.strip()] if evals.strip() != "none" else []
+  unknown = sorted(set(chosen) - set(PAPER_EVALS))
+  if unknown:
+    raise ValueError(f"Config arg evals={evals!r}: unknown {unknown}; use "
+                     f"{'+'.join(PAPER_EVALS)}, a part of it, or 'none'")
+  if models.has_text(mode):  # zero-shot and retrieval embed text
+    for key in chosen:
+      name, fields = PAPER_EVALS[key]
+      c.evals[name] = dict(fields)
   return c
+
+
+def _apply_platform(c, platform: str) -> None:
+  if not platform:
+    return
+  if platform not in PLATFORMS:
+    raise ValueError(f"Config arg platform={platform!r}: use one of {sorted(PLATFORMS)} "
+                     "(or leave it out for the plain recipe)")
+  settings = PLATFORMS[platform]
+  for key, value in settings["model"].items():
+    c.model[key] = value
+  for key, value in settings["mesh"].items():
+    c.mesh[key] = value
+  c.sharding_rules = settings["sharding_rules"]
 
 
 def validate(config) -> None:
@@ -169,6 +243,8 @@ def validate(config) -> None:
   for name in ("total_steps", "log_training_steps", "ckpt_steps"):
     if int(config[name]) <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  _check_data(config)
+  check_evals(config)
   from superclip_jax.data import position, spec  # data imports only when validating a run
   spec.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:
@@ -204,6 +280,33 @@ def validate(config) -> None:
   for tower in (models.VIT_SIZES[size], models.TEXT_SIZES.get(m.get("text_size") or size)):
     if tower is not None:  # 'cudnn' where it cannot run is an error saying why
       attention.resolve(m.get("attention", "auto"), m.dtype, tower.width // tower.heads)
+
+
+def _check_data(config) -> None:
+  data = config.input.data
+  if data is None or (isinstance(data, str) and not data.strip()) or (
+      not isinstance(data, str) and not len(data)):
+    raise ValueError(f"config.input.data is not set: this recipe trains on your data; name it, "
+                     f"e.g. {DATA_EXAMPLE} (webdataset shards; tfrecord:, tfds:, folder: and "
+                     "mixtures in docs/data.md). configs/demo.py is the config with built-in "
+                     "data.")
+
+
+def check_evals(config, names=None) -> None:
+  """Every eval in config.evals (or those in `names`) names its data; an unset `data`,
+  `train_data` or `test_data` is an error naming the field and what to set it to."""
+  for name, ev in config.get("evals", {}).items():
+    if names is not None and name not in names:
+      continue
+    for field in ("data", "train_data", "test_data"):
+      value = ev.get(field, "unused")
+      if value is None or (isinstance(value, str) and not value.strip()):
+        example = EVAL_DATA_EXAMPLES.get(name, "a spec string (docs/evaluation.md)")
+        raise ValueError(
+            f"config.evals.{name}.{field} is not set: this eval reads your copy of the data; "
+            f"set it, e.g. --config.evals.{name}.{field}={example}, or leave the eval out "
+            f"(paper configs: the config arg evals=, e.g. --config=configs/b16.py:evals=none; "
+            "docs/evaluation.md)")
 
 
 def _check_run_limits(config) -> None:

@@ -117,6 +117,35 @@ def idf_from_superclip(state_dict, batch_size: int) -> dict:
           "num_docs": float(num_samples.reshape(()) * batch_size)}
 
 
+def idf_counts_from_superclip(state_dict, batch_size: int, where="checkpoint") -> dict:
+  """The exact counts an official checkpoint's `cap_fq`/`num_samples` imply at global batch
+  `batch_size`: {'doc_freq': int64 [vocab], 'num_docs': int}. The official code adds the
+  batch-mean multi-hot (a multiple of 1/B) every step, so cap_fq × B is a whole number up to
+  float64 rounding; where it is not, B is not the batch the checkpoint was trained with."""
+  if not batch_size or batch_size <= 0:
+    raise ValueError(f"{where}: reading cap_fq/num_samples needs the global batch size they "
+                     f"were counted at, got {batch_size!r}")
+  idf = idf_from_superclip(state_dict, batch_size)
+  out = {}
+  for name, x in (("doc_freq", np.asarray(idf["doc_freq"])), ("num_docs", idf["num_docs"])):
+    x = np.asarray(x, np.float64)
+    whole = np.rint(x)
+    # float64 running sums of k/B: the rounding grows with the value (~1e-16 per step).
+    bad = (np.abs(x - whole) > 1e-3 + 1e-8 * np.abs(x)) | (x < 0) | ~np.isfinite(x)
+    if bad.any():
+      i = int(np.flatnonzero(bad.reshape(-1))[0])
+      key = "cap_fq" if name == "doc_freq" else "num_samples"
+      at = f"[0, {i}] (token {i})" if name == "doc_freq" else "[0, 0]"
+      raise CheckpointMismatchError(
+          f"{where}: {key}{at} × {batch_size} = {x.reshape(-1)[i]!r} is not a whole number of "
+          f"captions: the checkpoint was counted at another global batch size than "
+          f"{batch_size}; set config.init_from_batch_size to the batch it was trained with")
+    out[name] = whole.astype(np.int64)
+  if out["doc_freq"].shape != (np.asarray(state_dict["cap_fq"]).size,):
+    raise CheckpointMismatchError(f"{where}: cap_fq has shape {np.shape(state_dict['cap_fq'])}")
+  return {"doc_freq": out["doc_freq"], "num_docs": int(out["num_docs"])}
+
+
 def to_superclip(params, model, idf_counts: Optional[dict] = None,
                  batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
   """The official SuperCLIP state dict: `text.*` tower, `text_decoder.*` head, IDF buffers.
@@ -195,6 +224,66 @@ _OPENCLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.
                        "text_projection", "logit_scale", "logit_bias")
 
 
+# Where each layout keeps what tells a model's sizes apart (see `checkpoint_sizes`).
+_SIZE_KEYS = {
+    "openclip": ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+                 "visual.transformer.resblocks.", "token_embedding.weight",
+                 "transformer.resblocks."),
+    "superclip": ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+                  "visual.transformer.resblocks.", "text.token_embedding.weight",
+                  "text.transformer.resblocks."),
+    "hf": ("vision_model.embeddings.patch_embedding.weight",
+           "vision_model.embeddings.position_embedding.weight", "visual_projection.weight",
+           "vision_model.encoder.layers.", "text_model.embeddings.token_embedding.weight",
+           "text_model.encoder.layers."),
+}
+
+
+def _layers(state_dict, prefix: str) -> int:
+  """How many blocks `prefix<N>.` numbers (the largest N + 1; 0 when none)."""
+  ids = [k[len(prefix):].split(".", 1)[0] for k in state_dict if k.startswith(prefix)]
+  return 1 + max((int(i) for i in ids if i.isdigit()), default=-1)
+
+
+def checkpoint_sizes(state_dict, layout: str) -> dict:
+  """The sizes a state dict of `layout` holds: image tower (layers, width, patch, image size),
+  text tower (layers, width; absent without one) and the embedding dim (0 when unknown)."""
+  conv, pos, proj, vblocks, tok, tblocks = _SIZE_KEYS[layout]
+  sizes = {}
+  if conv in state_dict:
+    width, _, patch, _ = np.shape(state_dict[conv])
+    grid = int(round((np.shape(state_dict[pos])[0] - 1) ** 0.5)) if pos in state_dict else 0
+    sizes.update(vision_layers=_layers(state_dict, vblocks), vision_width=int(width),
+                 patch=int(patch), image_size=grid * int(patch))
+  if tok in state_dict:
+    sizes.update(text_layers=_layers(state_dict, tblocks),
+                 text_width=int(np.shape(state_dict[tok])[1]))
+  if proj in state_dict:  # OpenCLIP's visual.proj is [width, embed], transformers' [embed, width]
+    sizes["embed_dim"] = int(np.shape(state_dict[proj])[0 if layout == "hf" else 1])
+  return sizes
+
+
+def _model_sizes(model) -> dict:
+  a = torch_configs.arch(model)
+  sizes = dict(vision_layers=a.vision.layers, vision_width=a.vision.width, patch=a.patch,
+               image_size=a.image_size, embed_dim=a.embed_dim)
+  if a.text is not None:
+    sizes.update(text_layers=a.text.layers, text_width=a.text.width)
+  return sizes
+
+
+def _check_sizes(state_dict, model, layout: str) -> None:
+  """A checkpoint of another size is named as one: which sizes differ, and what to set."""
+  found, want = checkpoint_sizes(state_dict, layout), _model_sizes(model)
+  differ = [f"{k} {found[k]} (model {want[k]})" for k in want
+            if found.get(k) not in (None, want[k])]
+  if differ:
+    raise CheckpointMismatchError(
+        f"size mismatch: the checkpoint's {', '.join(differ)}; model.variant={model.variant!r}, "
+        f"image_size={model.image_size} does not hold it: set config.model.variant (and "
+        "image_size, text_size) to the checkpoint's model")
+
+
 def from_layout(state_dict, model, layout: str) -> dict:
   """A PyTorch state dict of `layout` -> our params (nested dict of numpy arrays).
 
@@ -206,6 +295,7 @@ def from_layout(state_dict, model, layout: str) -> dict:
   """
   if model.scan_layers:
     return scan_layout.stack_layers(from_layout(state_dict, model.clone(scan_layers=False), layout))
+  _check_sizes(state_dict, model, layout)
   rules = rules_for(model, layout)
   shapes = param_shapes(model)
   known = {r.key for r in rules}
@@ -288,6 +378,30 @@ def load_torch_checkpoint(path, model, init_params, report=logging.info) -> dict
   report: called with one line naming the layout found and the parts kept fresh.
   Raises CheckpointMismatchError naming the parameter on any mismatch.
   """
+  return _params_from(_read_for(path, model), path, model, init_params, report)
+
+
+def load_torch_init(path, model, init_params, batch_size: int, report=logging.info
+                    ) -> tuple[dict, Optional[dict]]:
+  """(params, idf): `load_torch_checkpoint`'s params, read once with the IDF counts an official
+  SuperCLIP checkpoint carries (`idf_counts_from_superclip` at global batch `batch_size`), or
+  None when it has none (a CLIP checkpoint, zero steps, or a model without the head)."""
+  state_dict = _read_for(path, model)
+  params = _params_from(state_dict, path, model, init_params, report)
+  if "cap_fq" not in state_dict or not model.has_head:
+    return params, None
+  idf = idf_counts_from_superclip(state_dict, batch_size, where=str(path))
+  if idf["num_docs"] == 0:
+    return params, None
+  vocab = model.vocab_size
+  if idf["doc_freq"].shape != (vocab,):
+    raise CheckpointMismatchError(f"{path}: cap_fq covers {idf['doc_freq'].size} tokens, "
+                                  f"model.vocab_size is {vocab}")
+  return params, idf
+
+
+def _read_for(path, model) -> dict:
+  """The state dict of a file or directory; a directory's config is checked against `model`."""
   path = pathlib.Path(path)
   if path.is_dir():
     state_dict, config, kind = torch_io.read_checkpoint_dir(path)
@@ -295,8 +409,11 @@ def load_torch_checkpoint(path, model, init_params, report=logging.info) -> dict
       torch_configs.check_openclip_cfg(config, model)
     elif kind == "hf" and config:
       torch_configs.check_hf_config(config, model)
-  else:
-    state_dict = torch_io.read_state_dict(path)
+    return state_dict
+  return torch_io.read_state_dict(path)
+
+
+def _params_from(state_dict, path, model, init_params, report) -> dict:
   layout = detect_layout(state_dict)
   loaded = traverse_util.flatten_dict(from_layout(state_dict, model, layout))
   flat = traverse_util.flatten_dict(_unfreeze(init_params))

@@ -56,6 +56,16 @@ class IdfCounts:
   def zeros(cls, vocab_size: int):
     return cls(ExactCount.zeros((vocab_size,)), ExactCount.zeros(()))
 
+  @classmethod
+  def from_counts(cls, doc_freq, num_docs) -> "IdfCounts":
+    """Exact counts given as whole numbers (doc_freq [vocab], num_docs), each < 2**64; the
+    words are host (numpy) arrays, for `jax.device_put` to any sharding."""
+    def words(x):
+      x = np.asarray(x, np.uint64)
+      return ExactCount((x & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+                        (x >> np.uint64(32)).astype(np.uint32))
+    return cls(words(doc_freq), words(num_docs))
+
   def update(self, targets) -> "IdfCounts":
     """Adds a global batch of multi-hot targets [batch, vocab]."""
     # Documents per token, as a matrix-vector product: XLA:CPU runs a column sum over

@@ -25,7 +25,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import checkpoint, distributed, evaluators, metrics_log, models, sharding
+from superclip_jax import (checkpoint, config_lib, distributed, evaluators, metrics_log, models,
+                           sharding)
 
 # Model fields that may differ between the training config and the eval config.
 _FREE_MODEL_FIELDS = ("dtype", "remat_policy", "patch_dropout")
@@ -48,6 +49,7 @@ def evaluate(workdir: str, config=None, step: int | None = None, names=None) -> 
   saved = checkpoint.read_config(workdir)
   config = saved if config is None else config
   check_same_model(saved, config)
+  config_lib.check_evals(config, names)  # an unset eval data path: named, before any loading
   mesh = sharding.make_mesh(config.mesh)
   _, _, state = checkpoint.load_state(workdir, step, mesh=mesh)
   evals = evaluators.build(config, models.model_from_config(config.model), mesh, names)

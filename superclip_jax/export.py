@@ -106,8 +106,9 @@ def _weights(name: str, state_dict, bin_name: Optional[str] = None) -> dict:
       import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
       files[f"{bin_name}.bin"] = files[f"{name}.safetensors"]
     except ImportError:
-      logging.warning("torch is not installed: no %s.bin (the .safetensors has the same "
-                      "weights)", bin_name)
+      logging.warning("torch is not installed: no %s.bin written (the .safetensors has the "
+                      "same weights; docs/export.md shows the one command that makes the .bin "
+                      "from it where torch is installed)", bin_name)
   return files
 
 

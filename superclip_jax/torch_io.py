@@ -6,6 +6,7 @@ Never unpickles arbitrary objects: `.safetensors` directly, `.bin`/`.pt`/`.pth` 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Optional
 
@@ -48,11 +49,17 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
-    return load_file(str(path))
-  except TypeError:  # bfloat16 tensors: numpy lacks the dtype, so read the raw buffers
-    return _read_safetensors_raw(path)
+    try:
+      return load_file(str(path))
+    except TypeError:  # bfloat16 tensors: numpy lacks the dtype, so read the raw buffers
+      return _read_safetensors_raw(path)
+  except (SafetensorError, ValueError, KeyError, OSError) as e:
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    raise ValueError(f"{path} ({size:,} bytes) is not a readable .safetensors file: {e}. It is "
+                     "empty, truncated or damaged: copy or download it again") from None
 
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,

@@ -176,8 +176,13 @@ def _restore_or_create(config, factory, ckpt, changed):
       return factory.create(), nonfinite.Guard(config)
     from superclip_jax import convert  # torch-format import; only needed here
     init = jax.tree.map(np.asarray, factory.fresh_params())
-    params = convert.load_torch_checkpoint(config.init_from, factory.model, init, report=_say)
-    return factory.create(params), nonfinite.Guard(config)
+    batch_size = config.get("init_from_batch_size") or config.input.batch_size
+    params, idf = convert.load_torch_init(config.init_from, factory.model, init, batch_size,
+                                          report=_say)
+    if idf is not None:
+      _say(f"init_from: IDF counts of {idf['num_docs']:,} captions carried over (cap_fq and "
+           f"num_samples at global batch {batch_size})")
+    return factory.create(params, idf), nonfinite.Guard(config)
   if config.init_from:
     logging.warning("config.init_from=%r is ignored: %s has checkpoints, the run resumes from "
                     "step %d (a new --workdir starts from init_from)", config.init_from,

@@ -59,7 +59,7 @@ class StateFactory:
     self.shardings = self.shardings.replace(data_position=sharding.replicated(mesh),
                                             data_origin=sharding.replicated(mesh))
 
-  def _init(self, rng_data, params=None):
+  def _init(self, rng_data, params=None, idf=None):
     params_rng, train_rng = jax.random.split(jax.random.wrap_key_data(rng_data))
     if params is None:
       params = init_params(self.model, self.config, params_rng)
@@ -68,7 +68,7 @@ class StateFactory:
         params=params,
         opt_state=self.tx.init(params),
         rng=jax.random.key_data(train_rng),
-        idf=counts.IdfCounts.zeros(self.config.model.vocab_size),
+        idf=counts.IdfCounts.zeros(self.config.model.vocab_size) if idf is None else idf,
         examples_seen=counts.ExactCount.zeros(),
         data_position=jnp.zeros(position.position_shape(self.config), jnp.int32),
         data_origin=jnp.zeros(position.origin_shape(self.config), jnp.int32),
@@ -77,11 +77,15 @@ class StateFactory:
   def _seed_data(self):
     return jax.random.key_data(jax.random.key(self.config.seed))
 
-  def create(self, params=None) -> TrainState:
-    """A fresh state, sharded over the mesh. `params`: start from these instead of init."""
+  def create(self, params=None, idf=None) -> TrainState:
+    """A fresh state, sharded over the mesh. `params`: start from these instead of init;
+    `idf`: IDF counts {'doc_freq': [vocab], 'num_docs'} (whole numbers) instead of zeros."""
     if params is not None:
       params = jax.device_put(params, self.shardings.params)
-    return jax.jit(self._init, out_shardings=self.shardings)(self._seed_data(), params)
+    if idf is not None:
+      idf = jax.device_put(counts.IdfCounts.from_counts(idf["doc_freq"], idf["num_docs"]),
+                           self.shardings.idf)
+    return jax.jit(self._init, out_shardings=self.shardings)(self._seed_data(), params, idf)
 
   def fresh_params(self):
     """The parameters `create()` would initialise, sharded (no optimizer state built)."""

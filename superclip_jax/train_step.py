@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from superclip_jax import gradient_accumulation, losses, optim, sharding, train_state
+from superclip_jax import gradient_accumulation, losses, optim, param_rules, sharding, train_state
 from superclip_jax.data import position
 
 
@@ -27,6 +27,7 @@ class StepLoss:
   contrastive: str
   class_weight: float
   mesh: Any = None
+  frozen: tuple[str, ...] = ()  # parameter regexes differentiated as constants (`stop_frozen`)
 
   @property
   def has_text(self) -> bool:
@@ -50,6 +51,7 @@ class StepLoss:
     return ("contrastive_loss",) * self.has_text + ("class_loss",) * self.has_head
 
   def forward(self, params, batch, rng):
+    params = stop_frozen(params, self.frozen)
     return self.model.apply({"params": params}, batch["image"],
                             batch["tokens"] if self.has_text else None, train=True,
                             rngs={"patch_dropout": rng})
@@ -77,6 +79,19 @@ class StepLoss:
     if self.mesh is None or self.mesh.size == 1:
       return x
     return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(self.mesh))
+
+
+def stop_frozen(params, frozen: tuple[str, ...]):
+  """`params` with `jax.lax.stop_gradient` on the leaves named by the `frozen` regexes.
+
+  Differentiated through this, a frozen group gets an exact zero gradient without a backward
+  pass of its own: a locked image tower (LiT, `frozen=('visual/.*',)`) runs forward only.
+  The optimizer still leaves those leaves untouched (`optim.make_optimizer`).
+  """
+  if not frozen:
+    return params
+  mask = param_rules.matches_any(frozen, params)
+  return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, mask)
 
 
 def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx, schedule,
@@ -126,6 +141,7 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
 def make_train_step(config, model, tx, schedule, mesh=None):
   """`train_step` bound to the config: step(state, batch) -> (state, metrics)."""
   return functools.partial(
-      train_step, loss=StepLoss(model, config.loss.contrastive, config.loss.class_weight, mesh),
+      train_step, loss=StepLoss(model, config.loss.contrastive, config.loss.class_weight, mesh,
+                         tuple(config.get("frozen", ()))),
       tx=tx, schedule=schedule, use_idf=config.loss.use_idf,
       batch_size=config.input.batch_size, accum_steps=config.get("accum_steps", 1))

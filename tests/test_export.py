@@ -12,6 +12,7 @@ import collections
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ import pytest
 from superclip_jax import convert
 from superclip_jax import export
 from superclip_jax import models
+from superclip_jax import tokenizer
 from superclip_jax import torch_configs
 from superclip_jax import torch_io
 from superclip_jax import torch_layouts
@@ -339,6 +341,30 @@ def test_superclip_idf_through_files(small, tmp_path):
   assert np.array_equal(got["doc_freq"], idf["doc_freq"]) and got["num_docs"] == 1e6
 
 
+def test_official_idf_statistics_become_exact_counts():
+  """cap_fq/num_samples as the official code accumulates them (float64 running sums of the
+  batch-mean multi-hot, one step at a time) give back the exact integer counts."""
+  rng = np.random.default_rng(1)
+  batch, steps, vocab = 48, 50, 49408  # 48: not a power of 2, so the sums round
+  cap_fq, num_samples = np.zeros((1, vocab)), np.zeros((1, 1))
+  doc_freq = np.zeros(vocab, np.int64)
+  for _ in range(steps):
+    multi_hot = np.zeros((batch, vocab))
+    multi_hot[:, [SOT, EOT]] = 1
+    multi_hot[np.arange(batch)[:, None], rng.integers(1, 3000, (batch, 8))] = 1
+    cap_fq += multi_hot.mean(0, keepdims=True)
+    num_samples += 1
+    doc_freq += multi_hot.sum(0).astype(np.int64)
+  sd = {"cap_fq": cap_fq, "num_samples": num_samples}
+  got = convert.idf_counts_from_superclip(sd, batch)
+  assert got["num_docs"] == batch * steps and got["doc_freq"].dtype == np.int64
+  np.testing.assert_array_equal(got["doc_freq"], doc_freq)
+  with pytest.raises(convert.CheckpointMismatchError,
+                     match=r"ckpt\.pt: cap_fq\[0, \d+\] \(token \d+\) × 64 = .* not a whole "
+                           r"number.*config\.init_from_batch_size"):
+    convert.idf_counts_from_superclip(sd, 64, where="ckpt.pt")
+
+
 # ------------------------------------------------------------------------------------------
 # Hugging Face transformers
 
@@ -407,6 +433,55 @@ def test_hf_tokenizer_and_processor(small, tmp_path):
   image_processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path)
   assert image_processor.crop_size == {"height": 32, "width": 32}
   np.testing.assert_allclose(image_processor.image_mean, torch_configs.IMAGE_MEAN)
+
+
+def test_hf_tokenizer_needs_the_documented_cleaning(small, tmp_path):
+  """transformers' CLIPTokenizer skips OpenCLIP's ftfy + HTML unescaping: curly apostrophes,
+  `&amp;` and mojibake tokenize differently; docs/export.md's one-line cleaning makes the ids
+  equal OpenCLIP's (and ours)."""
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  open_clip = pytest.importorskip("open_clip")
+  import ftfy  # pylint: disable=g-import-not-at-top
+  import html  # pylint: disable=g-import-not-at-top
+  export.write_export(small.params, small.model, "hf", tmp_path)
+  tok = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+  texts = ["it\u2019s a dog &amp; a cat", "Tom &amp;amp; Jerry", "caf\u00c3\u00a9 au lait"]
+  want = open_clip.tokenize(texts).numpy()
+  np.testing.assert_array_equal(want, tokenizer.tokenize(texts, 77))
+
+  def ids(inputs):
+    return tok(inputs, padding="max_length", max_length=77, return_tensors="np")["input_ids"]
+
+  def same(a, b):
+    n = int(np.argmax(a)) + 1
+    return np.array_equal(a[:n], b[:n])
+
+  assert not any(same(a, b) for a, b in zip(want, ids(texts)))
+  clean = [html.unescape(html.unescape(ftfy.fix_text(t))).strip() for t in texts]  # the docs'
+  assert all(same(a, b) for a, b in zip(want, ids(clean)))
+
+
+def test_superclip_export_without_torch_then_the_documented_bin_command(small, tmp_path,
+                                                                       monkeypatch, caplog):
+  """Without torch there is no superclip_model.bin (a warning says so); docs/export.md's
+  command makes it from the .safetensors, and torch reads back the same tensors."""
+  torch = pytest.importorskip("torch")
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    names = {p.name for p in export.write_export(small.params, small.model, "superclip",
+                                                 tmp_path)}
+  assert "superclip_model.safetensors" in names and "superclip_model.bin" not in names
+  assert "no superclip_model.bin written" in caplog.text
+  docs = (pathlib.Path(__file__).parent.parent / "docs" / "export.md").read_text()
+  command = re.search(r"^python -c (\".*\") OUT$", docs, re.M).group(1)
+  subprocess.run(f"{sys.executable} -c {command} {tmp_path}", shell=True, check=True,
+                 timeout=120)
+  got = torch.load(tmp_path / "superclip_model.bin", weights_only=True)
+  want = torch_io.read_state_dict(tmp_path / "superclip_model.safetensors")
+  assert set(got) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k].numpy(), v)
 
 
 def test_hf_rejects_logit_bias():
@@ -503,13 +578,44 @@ def test_init_clip_checkpoint_into_superclip(small, tmp_path):
 
 def test_import_shape_mismatch_names_parameter(small):
   sd = convert.to_openclip(small.params, small.model)
-  other = tiny(variant="mu/16")  # patch 16: conv1 and positions differ
+  sd["visual.ln_pre.weight"] = np.ones(65, np.float32)  # the sizes agree, one tensor does not
   with pytest.raises(convert.CheckpointMismatchError,
-                     match=r"visual\.conv1\.weight.*visual/conv1/kernel"):
-    convert.from_openclip(sd, other)
+                     match=r"visual\.ln_pre\.weight is \(65,\).*visual/ln_pre/scale"):
+    convert.from_openclip(sd, small.model)
+
+
+def test_import_of_another_size_says_which_sizes(small, b16):
+  """A B/16 file into a smaller model is a size mismatch naming the sizes (it used to say
+  "unsupported architecture" about a block the smaller model lacks)."""
+  sd = convert.to_openclip(small.params, small.model)
+  with pytest.raises(convert.CheckpointMismatchError,
+                     match=r"size mismatch: .*patch 8 \(model 16\)"):
+    convert.from_openclip(sd, tiny(variant="mu/16"))
   wider = models.SuperCLIP(variant="demo/8", image_size=32, dtype=jnp.float32)
-  with pytest.raises(convert.CheckpointMismatchError, match=r"visual\."):
+  with pytest.raises(convert.CheckpointMismatchError, match=r"size mismatch: .*vision_width 64"):
     convert.from_openclip(sd, wider)
+  for fmt, to, read in (("openclip", convert.to_openclip, convert.from_openclip),
+                        ("superclip", convert.to_superclip, convert.from_superclip),
+                        ("hf", lambda p, m: convert.to_hf(p, m)[0], convert.from_hf)):
+    big = to(b16.params, b16.model)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+      read(big, small.model)
+    assert str(e.value).startswith("size mismatch: the checkpoint's vision_layers 12 (model 2), "
+                                   "vision_width 768 (model 64), patch 16 (model 8), image_size "
+                                   "224 (model 32), embed_dim 512 (model 32), text_layers 12 "
+                                   "(model 2), text_width 512 (model 64)"), (fmt, str(e.value))
+
+
+def test_truncated_or_empty_safetensors_name_the_file(small, tmp_path):
+  export.write_export(small.params, small.model, "openclip", tmp_path / "oc")
+  data = (tmp_path / "oc" / "open_clip_model.safetensors").read_bytes()
+  (tmp_path / "truncated.safetensors").write_bytes(data[:len(data) // 2])
+  (tmp_path / "empty.safetensors").write_bytes(b"")
+  for name in ("truncated", "empty"):
+    path = tmp_path / f"{name}.safetensors"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} \(.* bytes\) is not a "
+                                         r"readable \.safetensors file: .*truncated or damaged"):
+      convert.load_torch_checkpoint(path, small.model, small.params)
 
 
 def test_import_unsupported_architecture_names_parameter(small):

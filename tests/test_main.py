@@ -144,6 +144,31 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
   assert f"Resuming from step {step} (" in r.stdout  # a start-up fact, shown by default
 
 
+def test_init_from_an_official_checkpoint_carries_its_idf_counts(tmp_path, capsys):
+  """cap_fq/num_samples of a superclip-format checkpoint become the run's IDF counts: after
+  one step they are the imported counts plus that step's, the counts a run from an openclip
+  export (no statistics) has after the same step."""
+  from superclip_jax import export, sharding, train_state
+  config = _tiny_demo_config(1)
+  source = train_state.StateFactory(config, sharding.make_mesh(config.mesh))
+  params = jax.tree.map(np.asarray, source.fresh_params())
+  rng = np.random.default_rng(0)
+  imported = {"doc_freq": rng.integers(0, 5000, config.model.vocab_size).astype(np.float64),
+              "num_docs": 5000.0}
+  export.write_export(params, source.model, "superclip", str(tmp_path / "sc"), idf=imported,
+                      batch_size=config.input.batch_size)
+  export.write_export(params, source.model, "openclip", str(tmp_path / "oc"))
+  states = {}
+  for name in ("sc", "oc"):
+    config.init_from = str(tmp_path / name)
+    states[name] = train.train_and_evaluate(config, str(tmp_path / f"run_{name}"))
+  assert "init_from: IDF counts of 5,000 captions carried over" in capsys.readouterr().out
+  step_counts = states["oc"].idf.doc_freq.value().astype(np.int64)
+  np.testing.assert_array_equal(states["sc"].idf.doc_freq.value().astype(np.int64),
+                                imported["doc_freq"].astype(np.int64) + step_counts)
+  assert states["sc"].idf.num_docs.value() == 5000 + states["oc"].idf.num_docs.value()
+
+
 def test_init_from_an_openclip_export_loads_towers_and_keeps_a_fresh_head(tmp_path, capsys):
   from superclip_jax import export, sharding, train_state
   source_cfg = _tiny_demo_config(1)

@@ -1,4 +1,6 @@
 """The train step, optimizer rules and checkpoints on a tiny model (no input pipeline)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,48 @@ def test_frozen_groups_do_not_move():
     np.testing.assert_array_equal(a, b)
   assert not np.array_equal(before["text"]["positional_embedding"],
                             after["text"]["positional_embedding"])
+
+
+def _flops(compiled):
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_frozen_tower_runs_forward_only(accum_steps):
+  """LiT: a frozen image tower costs no backward pass (XLA's own FLOP count of the compiled
+  step), and the trained tower moves exactly as when the frozen gradient is computed and then
+  dropped by the optimizer (the behaviour before `stop_frozen`)."""
+  config = tiny_config(frozen=("visual/.*",), accum_steps=accum_steps)
+  factory = train_state.StateFactory(config, sharding.make_mesh(config.mesh))
+  state, batch = factory.create(), fixed_batch(config)
+  frozen_step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx,
+                                                   factory.schedule))
+  # The same optimizer (frozen leaves set to zero), but the frozen tower differentiated.
+  dropped_step = jax.jit(functools.partial(
+      train_step.train_step, loss=train_step.StepLoss(
+          factory.model, config.loss.contrastive, config.loss.class_weight),
+      tx=factory.tx, schedule=factory.schedule, use_idf=True,
+      batch_size=config.input.batch_size, accum_steps=accum_steps))
+  frozen_flops = _flops(frozen_step.lower(state, batch).compile())
+  dropped_flops = _flops(dropped_step.lower(state, batch).compile())
+  model = factory.model
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
+  vision_forward = _flops(forward.lower(state.params, batch["image"]).compile())
+  # A backward pass costs about twice its forward (input and weight gradients). With
+  # accumulation the micro-batches are a loop, whose body XLA's cost analysis counts once.
+  saved = dropped_flops - frozen_flops
+  assert saved > 1.5 * vision_forward / accum_steps, (saved, vision_forward, frozen_flops,
+                                                      dropped_flops)
+
+  after_frozen, m_frozen = frozen_step(state, batch)
+  after_dropped, m_dropped = dropped_step(state, batch)
+  np.testing.assert_allclose(float(m_frozen["loss"]), float(m_dropped["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(after_frozen.params), jax.tree.leaves(after_dropped.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(state.params["visual"]),
+                  jax.tree.leaves(after_frozen.params["visual"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nonfinite_batch_is_dropped_and_state_stays_good():
