@@ -10,6 +10,7 @@ a head only the labels.
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -30,15 +31,36 @@ def read_image(path: str):
 
 def predict(model, paths: Sequence[str], labels: Sequence[str] = (),
             templates: Sequence[str] = ("{}",), top_k: int = 10) -> str:
-  """The report `main` prints, for an `inference.Model`."""
-  images = np.stack([model.preprocess(read_image(p)) for p in paths])
-  probs = (model.zero_shot(images, labels, templates)
-           if labels and models.has_text(model.mode) else None)
-  tags = model.tags(images, top_k) if models.has_head(model.mode) and top_k > 0 else None
+  """The report `main` prints, for an `inference.Model`. An image that cannot be read or
+  decoded is reported in its place ("  error: ...") and the others are still predicted."""
+  return predict_and_count(model, paths, labels, templates, top_k)[0]
+
+
+def predict_and_count(model, paths: Sequence[str], labels: Sequence[str] = (),
+                      templates: Sequence[str] = ("{}",), top_k: int = 10) -> tuple[str, int]:
+  """(`predict`'s report, how many images could not be read)."""
+  images, errors = [], {}
+  for path in paths:
+    try:
+      images.append(model.preprocess(read_image(path)))
+    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds
+      errors[path] = f"{type(e).__name__}: {e}"
+  good = [p for p in paths if p not in errors]
+  probs = tags = None
+  if good:
+    images = np.stack(images)
+    probs = (model.zero_shot(images, labels, templates)
+             if labels and models.has_text(model.mode) else None)
+    tags = model.tags(images, top_k) if models.has_head(model.mode) and top_k > 0 else None
   kind = "sigmoid, each label" if model.logit_bias is not None else "softmax over labels"
   lines = []
-  for i, path in enumerate(paths):
+  i = -1
+  for path in paths:
     lines.append(path)
+    if path in errors:
+      lines.append(f"  error: {errors[path]}")
+      continue
+    i += 1
     if probs is not None:
       lines.append(f"  zero-shot ({kind}):")
       for j in np.argsort(-probs[i], kind="stable"):
@@ -46,7 +68,7 @@ def predict(model, paths: Sequence[str], labels: Sequence[str] = (),
     if tags is not None:
       lines.append(f"  tags (class head, top {len(tags[i])}):")
       lines += [f"    {t.score:.4f}  {t.name}" for t in tags[i]]
-  return "\n".join(lines)
+  return "\n".join(lines), len(errors)
 
 
 def main(argv):
@@ -58,7 +80,10 @@ def main(argv):
   model = inference.load(f.workdir, f.step, dtype=f.dtype)
   if f.labels and not models.has_text(model.mode):
     logging.warning("model.mode='superclass' has no text tower: --labels ignored")
-  print(predict(model, f.image, f.labels, f.templates, f.top_k), flush=True)
+  report, failed = predict_and_count(model, f.image, f.labels, f.templates, f.top_k)
+  print(report, flush=True)
+  if failed:  # the others were predicted; the exit status still tells a script
+    sys.exit(f"{failed} of {len(f.image)} images could not be read (see 'error:' above)")
 
 
 def define_flags():

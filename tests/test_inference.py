@@ -155,6 +155,24 @@ def test_predict_reports_labels_and_tags(tmp_path, model):
     predict.read_image(str(tmp_path / "missing.png"))
 
 
+def test_predict_reports_a_bad_image_and_goes_on(tmp_path, model):
+  """One unreadable or missing image among several: reported in its place, the others get
+  the same output as when predicted alone."""
+  good = str(tmp_path / "good.png")
+  Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 50, 3), np.uint8)).save(good)
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"\xff\xd8 not a jpeg")
+  missing = str(tmp_path / "missing.png")
+  report, failed = predict.predict_and_count(model, [str(bad), good, missing], ["a cat", "a dog"],
+                                             top_k=3)
+  alone = predict.predict(model, [good], ["a cat", "a dog"], top_k=3)
+  lines = report.splitlines()
+  assert failed == 2
+  assert lines[0] == str(bad) and lines[1].startswith("  error: ")
+  assert lines[-2:] == [missing, f"  error: FileNotFoundError: --image {missing!r} does not exist"]
+  assert "\n".join(lines[2:-2]) == alone
+
+
 def test_standalone_evaluate_logs_like_training(run, capsys):
   workdir = run[0]
   results = evaluate.evaluate(workdir)
