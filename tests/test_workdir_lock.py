@@ -56,3 +56,62 @@ def test_a_lease_from_another_host_is_refused_while_fresh_and_taken_once_stale(t
       with workdir_lock.hold(str(tmp_path)):  # this process already holds it
         pass
   assert not lock.exists()
+
+
+RACER = """
+import sys, time
+from superclip_jax import workdir_lock
+workdir, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:  # all racers leave the line at the same instant
+  pass
+try:
+  with workdir_lock.hold(workdir):
+    print("held", flush=True)
+    time.sleep(3)  # longer than any racer's start-up spread: the others see a live holder
+except workdir_lock.WorkdirLockedError:
+  print("refused", flush=True)
+"""
+
+
+def test_racing_starts_let_exactly_one_in(tmp_path):
+  """8 processes take the same fresh workdir's lease in the same instant: one holds it, 7 are
+  refused (creation is O_EXCL, not a check and then a write)."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  start = time.time() + 8  # after every interpreter has imported jax
+  racers = [subprocess.Popen([sys.executable, "-c", RACER, workdir, str(start)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(8)]
+  outcomes = []
+  for p in racers:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    outcomes.append(out.strip())
+  assert sorted(outcomes) == ["held"] + ["refused"] * 7, outcomes
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released
+
+
+def test_two_trainers_started_together_one_runs_the_other_refuses(tmp_path):
+  """The reported race: two trainers with different configs on one workdir used to run
+  together (checkpoints replacing each other's, metrics.jsonl interleaved, both exit 0)."""
+  workdir = str(tmp_path / "run")
+  env = cpu_devices.compile_cache(os.environ)
+  trainers = [subprocess.Popen(
+      [sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
+       f"--workdir={workdir}", *TINY, "--config.total_steps=4", "--config.ckpt_steps=4",
+       f"--config.lr={lr}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env=env) for lr in (1e-3, 2e-3)]
+  results = [(p.returncode, err) for p in trainers
+             for _, err in [p.communicate(timeout=600)]]
+  codes = sorted(code for code, _ in results)
+  assert codes[0] == 0 and codes[1] != 0, [(c, e[-1500:]) for c, e in results]
+  loser = next(err for code, err in results if code != 0)
+  assert "train.lock" in loser or "held by" in loser, loser[-1500:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    winner_lr = json.load(f)["lr"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == sorted(set(steps)), steps  # one run's records, not two interleaved
+  assert winner_lr in (1e-3, 2e-3)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
