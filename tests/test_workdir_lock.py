@@ -59,16 +59,20 @@ def test_a_lease_from_another_host_is_refused_while_fresh_and_taken_once_stale(t
 
 
 RACER = """
-import sys, time
+import os, sys, time
 from superclip_jax import workdir_lock
-workdir, start = sys.argv[1], float(sys.argv[2])
+workdir, start, tried = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 while time.time() < start:  # all racers leave the line at the same instant
   pass
 try:
   with workdir_lock.hold(workdir):
+    open(os.path.join(tried, str(os.getpid())), "w").close()
     print("held", flush=True)
-    time.sleep(3)  # longer than any racer's start-up spread: the others see a live holder
+    deadline = time.time() + 90  # released only once every racer has tried
+    while len(os.listdir(tried)) < 8 and time.time() < deadline:
+      time.sleep(0.05)
 except workdir_lock.WorkdirLockedError:
+  open(os.path.join(tried, str(os.getpid())), "w").close()
   print("refused", flush=True)
 """
 
@@ -76,10 +80,11 @@ except workdir_lock.WorkdirLockedError:
 def test_racing_starts_let_exactly_one_in(tmp_path):
   """8 processes take the same fresh workdir's lease in the same instant: one holds it, 7 are
   refused (creation is O_EXCL, not a check and then a write)."""
-  workdir = str(tmp_path / "run")
+  workdir, tried = str(tmp_path / "run"), str(tmp_path / "tried")
   os.makedirs(workdir)
-  start = time.time() + 8  # after every interpreter has imported jax
-  racers = [subprocess.Popen([sys.executable, "-c", RACER, workdir, str(start)], cwd=REPO,
+  os.makedirs(tried)
+  start = time.time() + 8  # after every interpreter has imported jax (late ones still race)
+  racers = [subprocess.Popen([sys.executable, "-c", RACER, workdir, str(start), tried], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(8)]
   outcomes = []
