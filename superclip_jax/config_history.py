@@ -16,7 +16,6 @@ import json
 
 import jax
 from absl import logging
-from etils import epath
 
 from superclip_jax import checkpoint
 
@@ -62,8 +61,9 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
   Returns the changed fields ({field: (saved, new)}); raises ConfigMismatchError, writing
   nothing, when checkpoints exist and a field in STATE_FIELDS differs.
   """
-  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
-  saved = json.loads(path.read_text()) if path.exists() else None
+  import tensorflow as tf  # gfile: any workdir URL (epath takes ram:// for a local path)
+  path = f"{workdir.rstrip('/')}/{checkpoint.CONFIG_FILE}"
+  saved = json.loads(_read(path)) if tf.io.gfile.exists(path) else None
   diff = {} if saved is None else changes(flatten(saved), flatten(config))
   if latest_step is not None and diff:
     shape = {k: v for k, v in diff.items() if k in STATE_FIELDS or (
@@ -87,11 +87,17 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("superclip_jax: config.json compared")
   if diff and latest_step is not None and jax.process_index() == 0:
-    kept = path.parent / f"config.{latest_step}.json"
-    if not kept.exists():
-      kept.write_text(path.read_text())
+    kept = f"{workdir.rstrip('/')}/config.{latest_step}.json"
+    if not tf.io.gfile.exists(kept):
+      tf.io.gfile.copy(path, kept)
   checkpoint.write_config(workdir, config)
   return diff
+
+
+def _read(path: str) -> str:
+  import tensorflow as tf
+  with tf.io.gfile.GFile(path, "r") as f:
+    return f.read()
 
 
 def optimizer_changed(diff: dict) -> bool:

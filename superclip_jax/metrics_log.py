@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -27,9 +26,9 @@ class MetricLogger:
     self._last = None  # (time, step) of the previous training record
     self._rate = None  # steps/s, smoothed
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-      import tensorflow as tf  # TF (CPU) also writes the event files
+      import tensorflow as tf  # TF (CPU) writes the event files; gfile: any workdir URL
+      tf.io.gfile.makedirs(workdir)
+      self._jsonl = tf.io.gfile.GFile(f"{workdir.rstrip('/')}/metrics.jsonl", "a")
       self._tb = tf.summary.create_file_writer(workdir)
 
   def progress(self, step: int, metrics: dict) -> dict:
@@ -49,6 +48,7 @@ class MetricLogger:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()  # each record readable at once (on gs://, an upload of the file)
     with self._tb.as_default(step=step):
       import tensorflow as tf
       for k, v in metrics.items():

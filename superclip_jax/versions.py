@@ -6,7 +6,6 @@ import json
 import platform
 
 import jax
-from etils import epath
 
 VERSIONS_FILE = "versions.json"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
@@ -43,6 +42,7 @@ def summary(info: dict) -> str:
 def write(workdir: str, info: dict) -> None:
   """Writes `versions.json` into the workdir (process 0 only)."""
   if jax.process_index() == 0:
-    path = epath.Path(workdir) / VERSIONS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, sort_keys=True))
+    import tensorflow as tf  # gfile: any workdir URL (epath takes ram:// for a local path)
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(f"{workdir.rstrip('/')}/{VERSIONS_FILE}", "w") as f:
+      f.write(json.dumps(info, indent=2, sort_keys=True))
