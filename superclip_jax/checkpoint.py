@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
+
+from superclip_jax import fs
 
 CONFIG_FILE = "config.json"
 UNUSABLE_DIR = "unusable_checkpoints"  # checkpoints that failed to restore, moved aside
@@ -31,16 +33,16 @@ _ZEROS_IF_ABSENT = ("data_origin",)
 
 def write_config(workdir: str, config) -> None:
   if jax.process_index() == 0:
-    path = epath.Path(workdir) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    fs.makedirs(workdir)
+    fs.write_text(fs.join(workdir, CONFIG_FILE),
+                  config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
+  path = fs.join(workdir, CONFIG_FILE)
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a superclip_jax workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
 
 
 class Checkpointer:
@@ -58,9 +60,15 @@ class Checkpointer:
         create=True,
         cleanup_tmp_directories=True,  # leftovers of a write killed midway
     )
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.workdir = workdir
+    self._pending = None  # the step of the save in flight
+    self._failed = False  # a save failed and was reported
+    _install_quiet_hooks()
+    self.directory = fs.join(workdir, "checkpoints")
+    if not fs.is_url(workdir):  # Orbax wants an absolute path; a URL is taken as it is
+      self.directory = os.path.abspath(self.directory)
     # The handler named up front: reading a checkpoint's metadata before any save needs it.
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
@@ -77,8 +85,49 @@ class Checkpointer:
     besides the last `keep_ckpts` (the last good one before a non-finite streak).
     """
     self._kept.steps = set() if keep is None else {keep}
+    if self._pending is not None:  # Orbax would wait for it too; a failure is told as ours
+      self._finish()
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True,
                       custom_metadata=metadata or {})
+    self._pending = step
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError (one line) once the asynchronous save in flight has failed,
+    e.g. on a full disk; costs next to nothing while it runs, so the loop calls it every step."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._finish()
+
+  def _finish(self) -> None:
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  Orbax / TensorStore: the write failed
+      self._failed = _set_save_failed()
+      raise self._save_error(step, e) from None
+    if not self._committed(step):
+      self._failed = _set_save_failed()
+      raise self._save_error(step, None)
+
+  def _committed(self, step: int) -> bool:
+    path = fs.join(self.directory, str(step))
+    if fs.is_url(path):  # object stores: Orbax marks a complete checkpoint with this file
+      return fs.exists(fs.join(path, "commit_success.txt"))
+    return os.path.isdir(path)
+
+  def _save_error(self, step: int, error) -> "CheckpointSaveError":
+    reason = "it was not committed" if error is None else " ".join(str(error).split())
+    full = any(s in reason for s in ("No space left", "os_error_code='28'", "File too large",
+                                     "os_error_code='27'", "quota", "Quota"))
+    if len(reason) > 500:  # the storage's own words (errno) come last
+      reason = f"{reason[:200]} ... {reason[-250:]}"
+    earlier = [s for s in self.all_steps() if s < step and self._committed(s)]
+    where = (f"The checkpoints written before it are intact (latest: step {max(earlier)}); "
+             f"restart with the same command once fixed and the run resumes from there."
+             if earlier else "No earlier checkpoint exists: a restart starts from the beginning.")
+    return CheckpointSaveError(
+        f"Saving the checkpoint of step {step} in {self.directory} failed: {reason}. "
+        + ("The disk, a quota or a file-size limit is full: free space. " if full else "")
+        + f"The run stopped here rather than train on without checkpoints. {where}")
 
   def save_verified(self, step: int, state, metadata: dict | None = None,
                     keep: int | None = None) -> None:
@@ -109,7 +158,7 @@ class Checkpointer:
       leaf = getattr(abstract_state, field.name)
       if field.name not in saved:
         if field.name not in _ZEROS_IF_ABSENT:
-          raise ValueError(f"checkpoint {self.directory / str(step)} has no {field.name!r}")
+          raise ValueError(f"checkpoint {fs.join(self.directory, str(step))} has no {field.name!r}")
         absent[field.name] = jax.jit(functools.partial(jnp.zeros, leaf.shape, leaf.dtype),
                                      out_shardings=leaf.sharding)()
         continue
@@ -118,7 +167,7 @@ class Checkpointer:
                                     sharding=leaf.sharding)
       target[field.name] = leaf
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    _verify(restored, self.metadata(step).get(FINGERPRINT_KEY), self.directory / str(step))
+    _verify(restored, self.metadata(step).get(FINGERPRINT_KEY), fs.join(self.directory, str(step)))
     return type(abstract_state)(**restored, **absent)
 
   def restore_newest_good(self, abstract_state, allow_none: bool = False):
@@ -148,7 +197,7 @@ class Checkpointer:
         return state, step
       failed.append((step, _reason(error)))
       logging.warning("Checkpoint %s is unusable, trying an older one: %s",
-                      self.directory / str(step), _reason(error))
+                      fs.join(self.directory, str(step)), _reason(error))
     if not failed:
       return None, None
     listing = "\n".join(f"  step {s}: {why}" for s, why in failed)
@@ -157,23 +206,23 @@ class Checkpointer:
           f"{self.directory} holds checkpoints, but none is usable:\n{listing}\nNothing "
           "was changed. Restore them from a copy, or set "
           "config.ignore_unusable_checkpoints=True to move them to "
-          f"{self.directory.parent / UNUSABLE_DIR} and start again (from config.init_from, "
-          "if set, or from scratch).")
+          f"{fs.join(fs.parent(self.directory), UNUSABLE_DIR)} and start again (from "
+          "config.init_from, if set, or from scratch).")
     self._move_aside(failed)
     return None, None
 
   def _move_aside(self, failed) -> None:
     """Moves unusable checkpoints out of the manager's sight; a save may write their step."""
-    target = self.directory.parent / UNUSABLE_DIR
+    target = fs.join(fs.parent(self.directory), UNUSABLE_DIR)
     if jax.process_index() == 0:
-      target.mkdir(parents=True, exist_ok=True)
+      fs.makedirs(target)
       for step, why in failed:
-        dest = target / str(step)
+        dest = fs.join(target, str(step))
         n = 1
-        while dest.exists():
+        while fs.exists(dest):
           n += 1
-          dest = target / f"{step}.{n}"
-        (self.directory / str(step)).rename(dest)
+          dest = fs.join(target, f"{step}.{n}")
+        fs.move_tree(fs.join(self.directory, str(step)), dest)
         logging.warning("Moved the unusable checkpoint of step %d to %s (%s)", step, dest, why)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -181,11 +230,89 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    if self._pending is not None:
+      self._finish()
+    elif not self._failed:
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight, then lets go of Orbax's threads. After a reported save
+    failure it only lets go (the error was raised once)."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001  the failed save again, already reported
+        if not self._failed:
+          raise
+
+
+def _after_failed_write(kind, value, tb) -> bool:
+  """Whether an exception is the aftermath of a failed asynchronous write: TensorStore's
+  callbacks into an event loop that the failure closed, or Orbax's write coroutines collected
+  at exit. Each would print a traceback (thousands on a full disk), after the one that counts.
+  """
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  return _SAVE_FAILED and isinstance(value, ImportError) and "shutting down" in str(value)
+
+
+def _install_quiet_hooks() -> None:
+  import sys
+  if getattr(sys.excepthook, "_superclip_quiet", False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, tb):
+    if not _after_failed_write(kind, value, tb):
+      excepthook(kind, value, tb)
+
+  def quiet_unraisablehook(info):
+    if not _after_failed_write(info.exc_type, info.exc_value, info.exc_traceback):
+      unraisablehook(info)
+
+  quiet_excepthook._superclip_quiet = True
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+def orbax_errors_in_one_line() -> None:
+  """Orbax's error log records without their tracebacks, one line each (main's default; any
+  --verbosity keeps them whole). A failed write logs the same traceback from several threads,
+  and CheckpointSaveError says what happened and what to do."""
+  import logging as std_logging
+
+  class OneLine(std_logging.Filter):
+    def filter(self, record):
+      if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR:
+        record.exc_info = record.exc_text = None
+        message = record.getMessage().splitlines()
+        record.msg, record.args = (message[0][:300] if message else ""), None
+      return True
+
+  std_logging.getLogger("absl").addFilter(OneLine())
+
+
+_SAVE_FAILED = False  # set once a save failed (and was reported): its aftermath is quiet
+
+
+def _set_save_failed() -> bool:
+  """From now on, the failed write's leftovers (asyncio's unretrieved task errors, coroutines
+  never awaited) are not printed: the failure was reported once, as CheckpointSaveError."""
+  import logging as std_logging
+  import warnings
+  global _SAVE_FAILED
+  if not _SAVE_FAILED:
+    _SAVE_FAILED = True
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
+  return True
+
+
+class CheckpointSaveError(RuntimeError):
+  """An asynchronous checkpoint save failed (full disk, lost storage): stop, say so once."""
 
 
 class UnusableCheckpointError(ValueError):

@@ -16,9 +16,8 @@ import json
 
 import jax
 from absl import logging
-from etils import epath
 
-from superclip_jax import checkpoint
+from superclip_jax import checkpoint, fs
 
 STATE_FIELDS = ("model.mode", "model.variant", "model.text_size", "model.image_size",
                 "model.context_length", "model.vocab_size", "model.head_blocks",
@@ -62,8 +61,8 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
   Returns the changed fields ({field: (saved, new)}); raises ConfigMismatchError, writing
   nothing, when checkpoints exist and a field in STATE_FIELDS differs.
   """
-  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
-  saved = json.loads(path.read_text()) if path.exists() else None
+  path = fs.join(workdir, checkpoint.CONFIG_FILE)
+  saved = json.loads(fs.read_text(path)) if fs.exists(path) else None
   diff = {} if saved is None else changes(flatten(saved), flatten(config))
   if latest_step is not None and diff:
     shape = {k: v for k, v in diff.items() if k in STATE_FIELDS or (
@@ -87,9 +86,9 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("superclip_jax: config.json compared")
   if diff and latest_step is not None and jax.process_index() == 0:
-    kept = path.parent / f"config.{latest_step}.json"
-    if not kept.exists():
-      kept.write_text(path.read_text())
+    kept = fs.join(workdir, f"config.{latest_step}.json")
+    if not fs.exists(kept):
+      fs.copy(path, kept)
   checkpoint.write_config(workdir, config)
   return diff
 

@@ -9,7 +9,6 @@ the two `load_torch_*` functions are pure functions on numpy arrays.
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Optional
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from superclip_jax import fs
 from superclip_jax import scan_layout
 from superclip_jax import torch_configs
 from superclip_jax import torch_io
@@ -402,8 +402,7 @@ def load_torch_init(path, model, init_params, batch_size: int, report=logging.in
 
 def _read_for(path, model) -> dict:
   """The state dict of a file or directory; a directory's config is checked against `model`."""
-  path = pathlib.Path(path)
-  if path.is_dir():
+  if fs.isdir(path):
     state_dict, config, kind = torch_io.read_checkpoint_dir(path)
     if kind == "openclip" and config:
       torch_configs.check_openclip_cfg(config, model)
@@ -439,8 +438,7 @@ def _params_from(state_dict, path, model, init_params, report) -> dict:
 def load_torch_idf(path, batch_size: int) -> Optional[dict]:
   """The IDF counts of an official SuperCLIP checkpoint (file or directory), or None if it has
   none (a CLIP checkpoint, or zero steps)."""
-  path = pathlib.Path(path)
-  state_dict = (torch_io.read_checkpoint_dir(path)[0] if path.is_dir()
+  state_dict = (torch_io.read_checkpoint_dir(path)[0] if fs.isdir(path)
                 else torch_io.read_state_dict(path))
   if "cap_fq" not in state_dict:
     return None

@@ -15,9 +15,10 @@ files. safetensors files need no torch; the `.bin` copies are written when torch
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
-import pathlib
+import os
 from typing import Optional
 
 from absl import app
@@ -25,6 +26,7 @@ from absl import flags
 import numpy as np
 
 from superclip_jax import convert
+from superclip_jax import fs
 from superclip_jax import models
 from superclip_jax import tokenizer
 from superclip_jax import torch_configs
@@ -34,7 +36,7 @@ FORMATS = ("openclip", "superclip", "hf")
 
 
 def write_export(params, model: models.SuperCLIP, fmt: str, out_dir, idf: Optional[dict] = None,
-                 batch_size: Optional[int] = None) -> list[pathlib.Path]:
+                 batch_size: Optional[int] = None) -> list[str]:
   """Writes `params` of `model` to `out_dir` in format `fmt`; returns the files written.
 
   idf: {'doc_freq': [vocab], 'num_docs': float} IDF counts (superclip format; None -> zeros);
@@ -43,26 +45,29 @@ def write_export(params, model: models.SuperCLIP, fmt: str, out_dir, idf: Option
   configs of another one make it an error (a loader could pick up the stale file).
   """
   files = export_files(params, model, fmt, idf, batch_size)
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  for path in sorted(out.iterdir()):
-    stale = (path.suffix in (".safetensors", ".bin", ".pt", ".pth")
-             or path.name in ("open_clip_config.json", "config.json")
-             or path.name.startswith("SuperCLIP-"))
-    if stale and path.name not in files:
-      raise FileExistsError(f"{out} already holds {path.name}, which a {fmt} export does not "
+  out = os.fspath(out_dir)
+  fs.makedirs(out)
+  for name in fs.listdir(out):
+    stale = (name.endswith((".safetensors", ".bin", ".pt", ".pth"))
+             or name in ("open_clip_config.json", "config.json")
+             or name.startswith("SuperCLIP-"))
+    if stale and name not in files:
+      raise FileExistsError(f"{out} already holds {name}, which a {fmt} export does not "
                             f"write: use an empty --out directory")
   written = []
   for name, content in files.items():
-    path = out / name
+    path = fs.join(out, name)
     if isinstance(content, str):
-      path.write_text(content, encoding="utf-8")
+      data = content.encode("utf-8")
     elif name.endswith(".safetensors"):
-      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-      save_file(content, str(path), metadata={"format": "pt"})  # transformers checks 'format'
+      from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+      data = save(content, metadata={"format": "pt"})  # transformers checks 'format'
     else:
       import torch  # pylint: disable=g-import-not-at-top
-      torch.save({k: torch.from_numpy(v.copy()) for k, v in content.items()}, str(path))
+      buffer = io.BytesIO()
+      torch.save({k: torch.from_numpy(v.copy()) for k, v in content.items()}, buffer)
+      data = buffer.getvalue()
+    fs.write_bytes(path, data)
     written.append(path)
   return written
 

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import distributed, host_malloc, train
+from superclip_jax import checkpoint, distributed, host_malloc, train
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config); file.py:key=value",
                                 lock_config=True)
@@ -26,12 +26,13 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax is chatty at INFO; progress goes to stdout
     logging.set_verbosity(logging.WARNING)
+    checkpoint.orbax_errors_in_one_line()
   if host_malloc.active():
     logging.info("glibc malloc tuned for XLA:CPU (%s=tuned; docs/training.md)", host_malloc.OPT_IN)
   try:
     distributed.initialize_from_flags()
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointSaveError) as e:
     # Our own checks say what to change: their message, not the traceback in front of it
     # (which any --verbosity shows).
     if FLAGS["verbosity"].present or not _raised_here(e):

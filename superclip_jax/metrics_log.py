@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
+
+
+from superclip_jax import fs
 
 
 # In metrics.jsonl and TensorBoard, left off the stdout line.
@@ -27,9 +29,9 @@ class MetricLogger:
     self._last = None  # (time, step) of the previous training record
     self._rate = None  # steps/s, smoothed
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-      import tensorflow as tf  # TF (CPU) also writes the event files
+      fs.makedirs(workdir)
+      self._jsonl = fs.open(fs.join(workdir, "metrics.jsonl"), "a")
+      import tensorflow as tf  # TF (CPU) writes the event files
       self._tb = tf.summary.create_file_writer(workdir)
 
   def progress(self, step: int, metrics: dict) -> dict:
@@ -49,6 +51,7 @@ class MetricLogger:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()  # each record readable at once (on gs://, an upload of the file)
     with self._tb.as_default(step=step):
       import tensorflow as tf
       for k, v in metrics.items():

@@ -16,17 +16,15 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from superclip_jax import models
+from superclip_jax import fs, models
 from superclip_jax.data import transforms
 
 
 def read_image(path: str):
   """An image file decoded by PIL, as OpenCLIP reads it (any format PIL knows)."""
-  import tensorflow as tf
-  if not tf.io.gfile.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"--image {path!r} does not exist")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    return transforms.decode(f.read())
+  return transforms.decode(fs.read_bytes(path))
 
 
 def predict(model, paths: Sequence[str], labels: Sequence[str] = (),

@@ -5,12 +5,14 @@ Never unpickles arbitrary objects: `.safetensors` directly, `.bin`/`.pt`/`.pth` 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import pathlib
 from typing import Optional
 
 import numpy as np
+
+from superclip_jax import fs
 
 
 def as_numpy(x) -> np.ndarray:
@@ -35,12 +37,13 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   """A PyTorch state-dict file -> {key: numpy array}. Never unpickles arbitrary objects:
   `.safetensors` directly, `.bin`/`.pt`/`.pth` with `torch.load(weights_only=True)` (torch is
   imported only then). A `{'state_dict': ...}` wrapper and a `module.` prefix are removed."""
-  path = pathlib.Path(path)
-  if not path.is_file():
+  path = os.fspath(path)
+  if not fs.exists(path) or fs.isdir(path):
     raise FileNotFoundError(f"checkpoint file {path} does not exist")
-  if path.suffix == ".safetensors":
+  suffix = os.path.splitext(fs.basename(path))[1]
+  if suffix == ".safetensors":
     sd = _read_safetensors(path)
-  elif path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+  elif suffix in (".bin", ".pt", ".pth", ".ckpt"):
     sd = _read_torch_file(path)
   else:
     raise ValueError(f"{path}: expected a .safetensors, .bin, .pt or .pth file, or a model "
@@ -50,14 +53,15 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 def _read_safetensors(path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load, load_file  # pylint: disable=g-import-not-at-top
+  data = fs.read_bytes(path) if fs.is_url(path) else None  # local files: mapped, not read
   try:
     try:
-      return load_file(str(path))
+      return load_file(path) if data is None else load(data)
     except TypeError:  # bfloat16 tensors: numpy lacks the dtype, so read the raw buffers
-      return _read_safetensors_raw(path)
+      return _read_safetensors_raw(fs.read_bytes(path) if data is None else data)
   except (SafetensorError, ValueError, KeyError, OSError) as e:
-    size = os.path.getsize(path) if os.path.exists(path) else 0
+    size = fs.size(path) if fs.exists(path) else 0
     raise ValueError(f"{path} ({size:,} bytes) is not a readable .safetensors file: {e}. It is "
                      "empty, truncated or damaged: copy or download it again") from None
 
@@ -67,9 +71,8 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                        "U8": np.uint8, "BOOL": np.bool_}
 
 
-def _read_safetensors_raw(path) -> dict[str, np.ndarray]:
+def _read_safetensors_raw(data: bytes) -> dict[str, np.ndarray]:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
-  data = pathlib.Path(path).read_bytes()
   n = int.from_bytes(data[:8], "little")
   header = json.loads(data[8:8 + n])
   out = {}
@@ -90,7 +93,8 @@ def _read_torch_file(path) -> dict:
     raise ImportError(f"reading {path} needs torch (pip install torch); safetensors files "
                       f"do not") from e
   try:
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    source = io.BytesIO(fs.read_bytes(path)) if fs.is_url(path) else path
+    sd = torch.load(source, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"could not read {path} with torch.load(weights_only=True): {e}. Only plain tensor "
@@ -130,29 +134,29 @@ def read_checkpoint_dir(directory) -> tuple[dict[str, np.ndarray], Optional[dict
   kind: 'openclip' (open_clip_config.json's model_cfg, or a SuperCLIP-*.json model config),
   'hf' (config.json of a transformers CLIPModel; the head side file is merged in) or ''.
   """
-  d = pathlib.Path(directory)
+  d = os.fspath(directory)
+  names = set(fs.listdir(d))
   config, kind = None, ""
-  if (d / "open_clip_config.json").is_file():
-    config = json.loads((d / "open_clip_config.json").read_text()).get("model_cfg")
+  if "open_clip_config.json" in names:
+    config = json.loads(fs.read_text(fs.join(d, "open_clip_config.json"))).get("model_cfg")
     kind = "openclip"
-  elif (d / "config.json").is_file():
-    config = json.loads((d / "config.json").read_text())
+  elif "config.json" in names:
+    config = json.loads(fs.read_text(fs.join(d, "config.json")))
     kind = "hf"
   else:
-    cfgs = sorted(p for p in d.glob("*.json")
-                  if "embed_dim" in json.loads(p.read_text() or "{}"))
+    cfgs = [n for n in sorted(names) if n.endswith(".json")
+            and "embed_dim" in json.loads(fs.read_text(fs.join(d, n)) or "{}")]
     if cfgs:
-      config, kind = json.loads(cfgs[0].read_text()), "openclip"
-  weights = next((d / n for n in _DIR_WEIGHTS if (d / n).is_file()), None)
+      config, kind = json.loads(fs.read_text(fs.join(d, cfgs[0]))), "openclip"
+  weights = next((n for n in _DIR_WEIGHTS if n in names), None)
   if weights is None:
-    candidates = sorted(p for ext in ("*.safetensors", "*.bin", "*.pt", "*.pth")
-                        for p in d.glob(ext) if p.name != HF_HEAD_FILE)
+    candidates = sorted(n for n in names if n != HF_HEAD_FILE
+                        and n.endswith((".safetensors", ".bin", ".pt", ".pth")))
     if len(candidates) != 1:
       raise FileNotFoundError(
-          f"{d}: expected one weights file (e.g. {_DIR_WEIGHTS[0]}), found "
-          f"{[p.name for p in candidates]}")
+          f"{d}: expected one weights file (e.g. {_DIR_WEIGHTS[0]}), found {candidates}")
     weights = candidates[0]
-  sd = read_state_dict(weights)
-  if kind == "hf" and (d / HF_HEAD_FILE).is_file():
-    sd.update(read_state_dict(d / HF_HEAD_FILE))
+  sd = read_state_dict(fs.join(d, weights))
+  if kind == "hf" and HF_HEAD_FILE in names:
+    sd.update(read_state_dict(fs.join(d, HF_HEAD_FILE)))
   return sd, config, kind

@@ -9,9 +9,8 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
-from superclip_jax import checkpoint, config_history, config_lib, evaluators, host_malloc
+from superclip_jax import checkpoint, config_history, config_lib, evaluators, fs, host_malloc
 from superclip_jax import metrics_log, mfu, nonfinite, optim, preemption, sharding, train_state
 from superclip_jax import train_step, versions, workdir_lock
 from superclip_jax.data import input_pipeline, position
@@ -84,12 +83,13 @@ def _train(config, workdir, stop_after):
         compiled, meter, first_record = _compile_step(step_fn, state, batch, config, mesh)
         logger.progress(step - 1, {})  # the first interval starts after compiling
       if profile and step == profile[0]:
-        jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
+        jax.profiler.start_trace(fs.join(workdir, "profile"))
       state, metrics = compiled(state, batch)
       if profile and step == profile[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
       pending.append(metrics)
+      ckpt.check()  # a failed asynchronous save (a full disk) stops the run here, said once
       if config.nan_policy == "stop" and len(pending) > 1:  # the step before: it is done or
         if pending[-2]["nonfinite"]:  # nearly, and this one queued behind it keeps the
           guard.update(jax.device_get(pending[:-1]), step - 1)  # devices busy (no stall)

@@ -6,7 +6,8 @@ import json
 import platform
 
 import jax
-from etils import epath
+
+from superclip_jax import fs
 
 VERSIONS_FILE = "versions.json"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
@@ -43,6 +44,5 @@ def summary(info: dict) -> str:
 def write(workdir: str, info: dict) -> None:
   """Writes `versions.json` into the workdir (process 0 only)."""
   if jax.process_index() == 0:
-    path = epath.Path(workdir) / VERSIONS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, sort_keys=True))
+    fs.makedirs(workdir)
+    fs.write_text(fs.join(workdir, VERSIONS_FILE), json.dumps(info, indent=2, sort_keys=True))

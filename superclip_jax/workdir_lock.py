@@ -22,7 +22,8 @@ import uuid
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
+
+from superclip_jax import fs
 
 LOCK_FILE = "train.lock"
 REFRESH_SECONDS = 60.0
@@ -40,7 +41,7 @@ def hold(workdir: str, *, refresh: float = REFRESH_SECONDS, stale: float = STALE
   lease = error = None
   if jax.process_index() == 0:
     try:
-      lease = _Lease(epath.Path(workdir) / LOCK_FILE, refresh, stale)
+      lease = _Lease(workdir, refresh, stale)
     except WorkdirLockedError as e:
       error = e
   if jax.process_count() > 1:
@@ -60,9 +61,10 @@ def hold(workdir: str, *, refresh: float = REFRESH_SECONDS, stale: float = STALE
 class _Lease:
   """Takes the lease file or raises WorkdirLockedError; refreshes it until `release`."""
 
-  def __init__(self, path: epath.Path, refresh: float, stale: float):
+  def __init__(self, workdir: str, refresh: float, stale: float):
+    path = fs.join(workdir, LOCK_FILE)
     self.path, self.refresh, self.stale = path, refresh, stale
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(workdir)
     self.info = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
                  "refreshed": time.time(), "token": uuid.uuid4().hex}
     for _ in range(3):  # a takeover races another starter at most a few times
@@ -72,7 +74,7 @@ class _Lease:
       why = self._stale(holder)
       if why is None:
         raise WorkdirLockedError(
-            f"{path.parent} is in use by a trainer on host {holder.get('host')!r}, pid "
+            f"{workdir} is in use by a trainer on host {holder.get('host')!r}, pid "
             f"{holder.get('pid')}, running since {_when(holder.get('start'))} (lease refreshed "
             f"{_when(holder.get('refreshed'))}). Stop it, or use another --workdir. If that "
             f"trainer is gone, the lease is taken over once it is {stale:.0f} s old, or "
@@ -107,7 +109,7 @@ class _Lease:
                         "share the workdir", self.path)
           return
         self.info["refreshed"] = time.time()
-        self.path.write_text(json.dumps(self.info))
+        fs.write_text(self.path, json.dumps(self.info))
       except Exception as e:  # a storage hiccup: the next refresh tries again
         logging.warning("Could not refresh %s: %s", self.path, e)
 
@@ -118,10 +120,10 @@ class _Lease:
     _remove_if(self.path, self.info)
 
 
-def _create(path: epath.Path, text: str) -> bool:
+def _create(path: str, text: str) -> bool:
   """Creates `path` with `text` unless it exists, atomically where the storage allows."""
-  name = os.fspath(path)
-  if "://" not in name:
+  name = path
+  if not fs.is_url(name):
     try:
       fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -142,24 +144,24 @@ def _create(path: epath.Path, text: str) -> bool:
         return True
       except exceptions.PreconditionFailed:
         return False
-  if path.exists():
+  if fs.exists(path):  # other URL filesystems: no atomic create-if-absent
     return False
-  path.write_text(text)
+  fs.write_text(path, text)
   return True
 
 
-def _read(path: epath.Path) -> dict:
+def _read(path: str) -> dict:
   try:
-    return json.loads(path.read_text())
+    return json.loads(fs.read_text(path))
   except (FileNotFoundError, ValueError):
     return {}
 
 
-def _remove_if(path: epath.Path, holder: dict) -> None:
+def _remove_if(path: str, holder: dict) -> None:
   """Removes the lease if it still is `holder`'s (a takeover removes only the stale one)."""
   if _read(path).get("token") == holder.get("token"):
     with contextlib.suppress(FileNotFoundError):
-      path.unlink()
+      fs.remove(path)
 
 
 def _pid_alive(pid) -> bool:

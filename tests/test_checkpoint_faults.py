@@ -133,3 +133,44 @@ def test_when_no_checkpoint_is_usable_the_run_refuses_unless_told_to_start_again
   assert _losses(workdir) == {1: losses[1]}  # started again from scratch, exactly
   assert sorted(os.listdir(os.path.join(workdir, checkpoint.UNUSABLE_DIR))) == ["1", "2", "3",
                                                                                "4"]
+
+
+def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_clear_line(tmp_path):
+  """A checkpoint write that fails (here: a file-size limit, EFBIG, as a full disk gives
+  ENOSPC) stops the run as soon as the asynchronous save reports it, with one line naming the
+  step, the directory and what to do; not at the next save, under thousands of lines of
+  "Event loop is closed" as before."""
+  import resource
+  import signal
+  import subprocess
+  import sys
+
+  from tests import cpu_devices
+
+  limit = 300_000  # bytes per file: the metrics and config files fit, the checkpoint does not
+
+  def limited():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write(), not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  workdir = tmp_path / "w"
+  r = subprocess.run(
+      [sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
+       f"--workdir={workdir}", "--config.model.variant=mu/8", "--config.model.image_size=32",
+       "--config.input.batch_size=8", "--config.total_steps=40", "--config.ckpt_steps=2",
+       "--config.log_training_steps=1", "--config.evals.zeroshot.every_steps=0",
+       "--config.evals.retrieval.every_steps=0"],
+      cwd=cpu_devices.REPO, env=cpu_devices.env(1), preexec_fn=limited, capture_output=True,
+      text=True, timeout=300)
+  assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-3000:])
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"Error: Saving the checkpoint of step 2 in {workdir}/checkpoints "
+                         "failed: "), r.stderr[-3000:]
+  assert "File too large" in last and "file-size limit is full" in last, last
+  assert "No earlier checkpoint exists" in last, last
+  assert "Event loop is closed" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert len(r.stderr.splitlines()) < 25, r.stderr
+  steps = [int(line.split()[1].split("/")[0]) for line in r.stdout.splitlines()
+           if line.startswith("step ")]
+  assert steps and max(steps) < 40, r.stdout[-2000:]  # stopped, not trained on to the end
+  assert not (workdir / "checkpoints" / "2").exists()  # nothing claims to be a checkpoint

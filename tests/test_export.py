@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -469,8 +470,8 @@ def test_superclip_export_without_torch_then_the_documented_bin_command(small, t
   torch = pytest.importorskip("torch")
   with monkeypatch.context() as m:
     m.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-    names = {p.name for p in export.write_export(small.params, small.model, "superclip",
-                                                 tmp_path)}
+    written = export.write_export(small.params, small.model, "superclip", tmp_path)
+  names = {os.path.basename(p) for p in written}
   assert "superclip_model.safetensors" in names and "superclip_model.bin" not in names
   assert "no superclip_model.bin written" in caplog.text
   docs = (pathlib.Path(__file__).parent.parent / "docs" / "export.md").read_text()
@@ -670,7 +671,7 @@ def test_without_torch(tmp_path):
           {{k: np.full(s.shape, 0.5, s.dtype) for k, s in shapes.items()}})
       for fmt in ('openclip', 'superclip', 'hf'):
         files = export.write_export(p, m, fmt, '{tmp_path}/' + fmt)
-        assert not any(f.suffix == '.bin' for f in files), files
+        assert not any(f.endswith('.bin') for f in files), files
         q = convert.load_torch_checkpoint('{tmp_path}/' + fmt, m, p)
       print('ok')
   """)
