@@ -13,9 +13,10 @@ Commands: create, setup, run, status, logs, ssh, delete, watch. `--dry-run` prin
 --name (its one node is named the same; with --node-count=N>1 gcloud names N nodes), reached
 with `gcloud compute tpus queued-resources ssh/scp --node=all --worker=all`. Workers never need
 this repository: `setup` copies a wheel built here plus the configs/ folder to
-~/superclip_jax_launch on every worker and installs the wheel with its `[tpu]` extra (jax[tpu])
-into a Python 3.11 venv there (uv; the TPU images' own Python is 3.10). docs/launch.md has the
-walk-through. Standard library only: runs wherever gcloud does.
+~/superclip_jax_launch on every worker and installs the wheel with its `[tpu,gcs]` extras
+(jax[tpu]; google-cloud-storage for gs:// workdirs) into a Python 3.11 venv there (uv; the
+TPU images' own Python is 3.10). docs/launch.md has the walk-through. Standard library only:
+runs wherever gcloud does.
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ class Tpu:
         "python3 -m pip install --user --quiet --break-system-packages uv || exit 1; "
         f"{uv} venv --python {shlex.quote(a.python)} venv || exit 1; fi",
         f"{uv} pip install --python venv/bin/python --quiet "
-        f"{shlex.quote(self._wheel_name + '[tpu]')} || exit 1",
+        f"{shlex.quote(self._wheel_name + '[tpu,gcs]')} || exit 1",  # gcs: gs:// workdirs
         "venv/bin/python -c 'import jax, superclip_jax; print(\"superclip_jax on\", "
         "jax.__version__)'"])
     self.shell.run(self._on_all("ssh", a.name, f"--command={install}"))

@@ -86,7 +86,7 @@ def test_setup_builds_and_installs_on_every_worker(tmp_path):
   assert scp[4:7] == ["scp", "--recurse", stage] and scp[7] == "clip:"
   for cmd in (scp, install):
     assert (_flag(cmd, "--worker"), _flag(cmd, "--node")) == ("all", "all")
-  assert "superclip_jax-0.1.0-py3-none-any.whl[tpu]" in _flag(install, "--command")
+  assert "superclip_jax-0.1.0-py3-none-any.whl[tpu,gcs]" in _flag(install, "--command")
   assert not os.listdir(tmp_path)  # a dry run writes nothing
 
 
