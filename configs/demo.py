@@ -3,12 +3,24 @@
   python -m superclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
   python -m superclip_jax.main --config=configs/demo.py:mode=clip --workdir=/tmp/demo_clip
   python -m superclip_jax.main --config=configs/demo.py --config.total_steps=20 --workdir=...
+
+Your own data with this small model (docs/data.md, docs/evaluation.md): the evals read the demo
+unless retargeted, --config.evals.zeroshot.data='folder:/data/test', or left out, with
+--config=configs/demo.py:evals=none (or evals=zeroshot: that one alone).
 """
+import ml_collections
+
 from superclip_jax import config_lib, models
+
+# The demo's evals (config arg `evals=`, '+'-joined; 'none' for neither). `data='demo'` reads
+# the built-in shapes; set it to your own (a spec string, docs/evaluation.md) from the command
+# line. num_examples: None = all (the demo renders 512); an int field settable from flags.
+DEMO_EVALS = ("zeroshot", "retrieval")
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, mode="superclip", contrastive="softmax", long_captions=False)
+  arg = config_lib.parse_arg(arg, mode="superclip", contrastive="softmax", long_captions=False,
+                             evals="+".join(DEMO_EVALS))
   c = config_lib.base_config()
   c.seed = 0
   c.model.mode = arg.mode
@@ -29,8 +41,9 @@ def get_config(arg=None):
   c.schedule.warmup_steps = 100
   c.log_training_steps = 50
   c.ckpt_steps = 200
+  chosen = config_lib.chosen_evals(arg.evals, DEMO_EVALS)
   if models.has_text(arg.mode):  # both evaluations embed text
-    c.evals.zeroshot = dict(type="zeroshot", every_steps=400, num_examples=512, batch_size=256)
-    c.evals.retrieval = dict(type="retrieval", every_steps=400, num_examples=512,
-                             batch_size=256)
+    for name in chosen:
+      c.evals[name] = dict(type=name, every_steps=400, data="demo", batch_size=256,
+                           num_examples=ml_collections.FieldReference(None, field_type=int))
   return c

@@ -109,7 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
       on_process_count_change="error",
       # The built-in demo data, rendered at model.image_size. long_captions_for_head: the
       # class head learns from the long caption (the paper's "dual" captions, Table 5).
-      demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False)),
+      # caption: 'short' (the default) or 'long', the caption both losses learn from
+      # (long_captions_for_head aside); the study's "long only" regime.
+      demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False,
+                                          caption="short")),
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ((".*", "replicate"),)
@@ -200,16 +203,22 @@ def paper_recipe(mode: str, variant: str, contrastive: str = "softmax", *,
   c.log_training_steps = 50
   c.ckpt_steps = 1000
   _apply_platform(c, platform)
-  chosen = [e for e in evals.split("+") if e.strip()] if evals.strip() != "none" else []
-  unknown = sorted(set(chosen) - set(PAPER_EVALS))
-  if unknown:
-    raise ValueError(f"Config arg evals={evals!r}: unknown {unknown}; use "
-                     f"{'+'.join(PAPER_EVALS)}, a part of it, or 'none'")
+  chosen = chosen_evals(evals, PAPER_EVALS)
   if models.has_text(mode):  # zero-shot and retrieval embed text
     for key in chosen:
       name, fields = PAPER_EVALS[key]
       c.evals[name] = dict(fields)
   return c
+
+
+def chosen_evals(evals: str, known) -> list[str]:
+  """The config arg `evals=a+b` -> ['a', 'b'], each one of `known`; 'none' or '' -> []."""
+  chosen = [e.strip() for e in evals.split("+") if e.strip()] if evals.strip() != "none" else []
+  unknown = sorted(set(chosen) - set(known))
+  if unknown:
+    raise ValueError(f"Config arg evals={evals!r}: unknown {unknown}; use "
+                     f"{'+'.join(known)}, a part of it, or 'none'")
+  return chosen
 
 
 def _apply_platform(c, platform: str) -> None:
@@ -245,6 +254,9 @@ def validate(config) -> None:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
   _check_data(config)
   check_evals(config)
+  caption = config.input.get("demo", {}).get("caption", "short")
+  if caption not in ("short", "long"):
+    raise ValueError(f"config.input.demo.caption={caption!r}: use 'short' or 'long'")
   from superclip_jax.data import position, spec  # data imports only when validating a run
   spec.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:
@@ -307,6 +319,42 @@ def check_evals(config, names=None) -> None:
             f"set it, e.g. --config.evals.{name}.{field}={example}, or leave the eval out "
             f"(paper configs: the config arg evals=, e.g. --config=configs/b16.py:evals=none; "
             "docs/evaluation.md)")
+
+
+def eval_data_warnings(config) -> list[str]:
+  """One line per eval that reads the built-in demo data while training reads other data: its
+  numbers would be about the demo's shapes, not the data trained on. Shown at start-up."""
+  from superclip_jax.data import spec  # plain Python
+  try:
+    if any(spec.parse_spec(s)[0] == "demo" for s, _ in spec.mixture(config.input.data)):
+      return []
+  except (ValueError, TypeError):
+    return []  # validate() names what is wrong with the data
+  from superclip_jax import evaluators  # the evaluators' defaults: TensorFlow, at start-up only
+  lines = []
+  for name, ev in config.get("evals", {}).items():
+    cls = evaluators.REGISTRY.get(ev.get("type", name))
+    defaults = evaluators.common.fields_of(cls) if cls is not None else {}
+    for field in ("data", "train_data", "test_data"):
+      if field not in defaults:
+        continue
+      value = ev.get(field, defaults[field])
+      if _is_demo_data(value):
+        said = f"{value!r}" + ("" if field in ev else ", its default")
+        lines.append(
+            f"config.evals.{name}.{field} reads the built-in demo data ({said}) while "
+            f"training reads {config.input.data!r}: its numbers are about the demo's shapes, "
+            f"not your data. Set --config.evals.{name}.{field}=SPEC (e.g. 'folder:/data/test'; "
+            "docs/evaluation.md) or drop the evals (--config=configs/demo.py:evals=none).")
+  return lines
+
+
+def _is_demo_data(value) -> bool:
+  """Whether an eval data field names the built-in demo ('demo', 'demo:SPLIT', or the old
+  dict(source='demo'))."""
+  if isinstance(value, str):
+    return value.strip().partition(":")[0].partition("?")[0] == "demo"
+  return hasattr(value, "get") and value.get("source") == "demo"
 
 
 def _check_run_limits(config) -> None:

@@ -9,10 +9,11 @@ if __name__ == "__main__":
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import checkpoint, distributed, host_malloc, train
+from superclip_jax import checkpoint, config_lib, distributed, host_malloc, train
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config); file.py:key=value",
                                 lock_config=True)
@@ -31,6 +32,9 @@ def main(argv):
     logging.info("glibc malloc tuned for XLA:CPU (%s=tuned; docs/training.md)", host_malloc.OPT_IN)
   try:
     distributed.initialize_from_flags()
+    if jax.process_index() == 0:  # shown at any verbosity, like the other start-up facts
+      for line in config_lib.eval_data_warnings(FLAGS.config):
+        print(f"Warning: {line}", flush=True)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointSaveError) as e:
     # Our own checks say what to change: their message, not the traceback in front of it

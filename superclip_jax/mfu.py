@@ -57,12 +57,20 @@ def measured_peak_tflops(dtype, size: int | None = None, reps: int = 5,
 
 
 def peak_tflops(dtype, device=None) -> tuple[float, str]:
-  """(peak TFLOP/s per device, 'table' or 'measured')."""
+  """(peak TFLOP/s per device, 'table' or 'measured'); measured once per process and device
+  (runs trained one after another in one process, as the study does, reuse it)."""
   device = device or jax.local_devices()[0]
   peak = table_peak_tflops(device.device_kind, dtype)
   if peak is not None:
     return peak, "table"
-  return measured_peak_tflops(dtype, device=device), "measured"
+  key = (device.platform, device.id, jnp.dtype(dtype).name)
+  if key not in _MEASURED_PEAKS:
+    _MEASURED_PEAKS[key] = measured_peak_tflops(dtype, device=device)
+  return _MEASURED_PEAKS[key], "measured"
+
+
+_MEASURED_PEAKS: dict = {}
+_MODEL_FLOPS: dict = {}  # (config JSON, batch shapes) -> FLOPs: lowering costs seconds
 
 
 def _flops(cost) -> float:
@@ -72,7 +80,16 @@ def _flops(cost) -> float:
 
 def model_flops_per_step(config, abstract_batch: dict) -> float:
   """Global FLOPs of one train step of `config` at the batch's shapes: the unrolled model,
-  without remat, lowered on one device from abstract shapes (nothing is compiled or run)."""
+  without remat, lowered on one device from abstract shapes (nothing is compiled or run).
+  Remembered per config and shapes for the process's later runs."""
+  key = (config.to_json_best_effort(sort_keys=True),
+         tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in abstract_batch.items())))
+  if key not in _MODEL_FLOPS:
+    _MODEL_FLOPS[key] = _model_flops_per_step(config, abstract_batch)
+  return _MODEL_FLOPS[key]
+
+
+def _model_flops_per_step(config, abstract_batch: dict) -> float:
   from superclip_jax import sharding, train_state, train_step  # pylint: disable=import-outside-toplevel
   unrolled = copy.deepcopy(config)
   with unrolled.unlocked():

@@ -13,7 +13,7 @@ from absl import logging
 from superclip_jax import checkpoint, config_history, config_lib, evaluators, fs, host_malloc
 from superclip_jax import metrics_log, mfu, nonfinite, optim, preemption, sharding, train_state
 from superclip_jax import train_step, versions, workdir_lock
-from superclip_jax.data import input_pipeline, position
+from superclip_jax.data import bad_records, input_pipeline, position
 
 
 NonFiniteError = nonfinite.NonFiniteError
@@ -52,6 +52,10 @@ def _train(config, workdir, stop_after):
   if jax.process_index() == 0:
     print(versions.summary(info), flush=True)
   state, guard = _restore_or_create(config, factory, ckpt, changed)
+  restored = int(state.step)
+  data_counts = bad_records.DataCounts(  # continue the restored run's counts
+      config.input.batch_size, restored, ckpt.metadata(restored) if restored else None,
+      records_read=state.examples_seen.value())
 
   step_fn = jax.jit(train_step.make_train_step(config, factory.model, factory.tx,
                                                factory.schedule, mesh),
@@ -101,7 +105,8 @@ def _train(config, workdir, stop_after):
       if not (last or stop.requested):  # fetched now, so a preemption while waiting
         batch = _next_batch(batches, meter, step + 1, stop)  # saves this step below
       if step % config.log_training_steps == 0 or last or stop.requested:
-        _log_training(logger, step, pending, guard, meter, first_record, compiled)
+        _log_training(logger, step, pending, guard, data_counts, meter, first_record,
+                      compiled)
         pending, first_record = [], None
       for name, every, evaluator in evals:
         if (every and step % every == 0) or last:
@@ -112,9 +117,11 @@ def _train(config, workdir, stop_after):
           if host_malloc.active():  # its buffers would otherwise fragment the kept heap
             host_malloc.release()
       if step % config.ckpt_steps == 0 or last or stop.requested:
-        guard.update(jax.device_get(pending), step)  # raises past the limit: no save
+        history = jax.device_get(pending)
+        guard.update(history, step)  # raises past the limit: no save
+        data_counts.update(history, step)
         keep = guard.before_save(step)
-        ckpt.save_verified(step, state, guard.metadata(step), keep)
+        ckpt.save_verified(step, state, guard.metadata(step) | data_counts.metadata(), keep)
       if stop.requested:
         ckpt.wait()  # the handlers stay ours until it is written: a second notice waits
         logging.warning("Preempted: saved step %d, exiting.", step)
@@ -227,12 +234,15 @@ def _compile_step(step_fn, state, batch, config, mesh):
                            "peak_tflops_per_device": peak}
 
 
-def _log_training(logger, step, pending, guard, meter=None, first_record=None, compiled=None):
+def _log_training(logger, step, pending, guard, data_counts, meter=None, first_record=None,
+                  compiled=None):
   history = jax.device_get(pending)
   bad = guard.update(history, step)  # raises per config.nan_policy
-  last = {k: float(v) for k, v in history[-1].items() if k != "nonfinite"}
+  data_counts.update(history, step)
+  last = {k: float(v) for k, v in history[-1].items()
+          if k != "nonfinite" and not k.startswith("data_")}
   last.update(nonfinite_steps=float(bad), nonfinite_steps_total=float(guard.total))
-  last.update(input_pipeline.global_data_metrics())
+  last.update(data_counts.metrics())
   record = logger.progress(step, last)
   if meter is not None:
     record.update(meter.record(record.get("step_time")))

@@ -135,6 +135,9 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
   if "logit_scale" in params:
     metrics["logit_scale"] = jnp.exp(new.params["logit_scale"])
+  if "_skipped" in batch:  # this global batch's share of the data counts (bad_records)
+    metrics["data_skipped"] = jnp.sum(batch["_skipped"], axis=0)
+    metrics["data_epoch"] = jnp.max(jnp.where(batch["_position"][:, 1] == 0, batch["_epoch"], -1))
   return new, metrics
 
 

@@ -3,6 +3,8 @@ import collections
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -229,20 +231,20 @@ def test_tar_reader_long_names_and_damage(tmp_path):
   _write_tar(path, [(f"{long_dir}/k1.png", b"p1"), (f"{long_dir}/k1.txt", b"t1"),
                     ("k2.seg.png", b"p2"), ("k2.txt", b"t2"), ("._hidden.txt", b"x"),
                     ("noext", b"y")])
-  bad_records.reset()
   samples = list(webdataset.read_shard(path))
   assert [s["__key__"] for s in samples] == [f"{long_dir}/k1", "k2"]
   assert samples[0]["png"] == b"p1" and samples[1]["seg.png"] == b"p2"
   assert samples[1]["txt"] == b"t2"
-  # Flip a header byte: the checksum fails and the shard stops there, counted.
+  # Flip a header byte: the checksum fails and the shard stops there, with one placeholder.
   data = bytearray(open(path, "rb").read())
   data[0] ^= 0x55
-  corrupt = tmp_path / "corrupt.tar"
-  corrupt.write_bytes(bytes(data))
-  assert list(webdataset.read_shard(str(corrupt))) == []
-  assert list(webdataset.read_shard(str(tmp_path / "absent.tar"))) == []
-  counts = bad_records.counts()
-  assert counts["corrupt_shard"] == 1 and counts["unreadable_file"] == 1
+  corrupt = str(tmp_path / "corrupt.tar")
+  open(corrupt, "wb").write(bytes(data))
+  assert list(webdataset.read_shard(corrupt)) == [
+      {"__key__": corrupt, webdataset.PROBLEM: "corrupt_shard"}]
+  absent = str(tmp_path / "absent.tar")
+  assert list(webdataset.read_shard(absent)) == [
+      {"__key__": absent, webdataset.PROBLEM: "unreadable_file"}]
 
 
 def _eval_rows(spec, batch):
@@ -255,25 +257,19 @@ def _eval_rows(spec, batch):
           for tokens, mask, bad in zip(b["tokens"], b["caption_mask"], b["bad"])]
 
 
-def test_eval_pass_flags_and_counts_damaged_records(damaged_shards):
-  spec, good, expected = damaged_shards
-  bad_records.reset()
+def test_eval_pass_flags_damaged_records(damaged_shards):
+  spec, good, _ = damaged_shards
   rows = _eval_rows(spec, 8)
   # Eval keeps records with a good image whatever their caption (s0utf, s2nocap) ...
   kept = [key for key, bad in rows if not bad]
   assert len(kept) == len(good) + 2 and set(good) <= set(kept)
-  # ... and keeps those without one too, flagged: the number of examples never changes.
+  # ... and keeps those without one too, flagged: the number of examples never changes (a
+  # damaged shard's placeholder record is no example).
   assert sorted(key for key, bad in rows if bad) == ["s0zero", "s2noimg", "s2trunc"]
-  counts = bad_records.counts()
-  for reason in ("truncated_shard", "corrupt_shard"):
-    assert counts[reason] == expected[reason], reason
-  # The record without an image is decoded from no bytes: a bad image.
-  assert counts["bad_image"] == expected["bad_image"] + expected["missing_image"]
 
 
 def test_train_stream_keeps_every_good_record_and_counts_the_bad(damaged_shards):
   spec, good, expected = damaged_shards
-  bad_records.reset()
   config = _config(spec)
   # 7 shards read 2 at a time: 2 epochs are 7 whole groups, so the first 2 * 28 examples are
   # exactly two passes over the good records.
@@ -285,15 +281,14 @@ def test_train_stream_keeps_every_good_record_and_counts_the_bad(damaged_shards)
     assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
     assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (4, 16)
     np.testing.assert_array_equal(batch["class_tokens"], batch["tokens"])
-  seen = bad_records.counts()
-  for reason, n in expected.items():
-    assert seen[reason] >= n, reason  # at least the first pass (tf.data reads ahead)
-  metrics = input_pipeline.data_metrics()
-  assert metrics["data/skipped"] == sum(seen.values())
-  assert metrics["data/skipped_bad_image"] == seen["bad_image"]
-  assert "data/skipped_bad_json" not in metrics  # only reasons seen so far
-  assert len(input_pipeline.data_metrics(all_reasons=True)) == len(bad_records.REASONS) + 1
-  assert input_pipeline.global_data_metrics() == metrics  # one process
+  # Skipped records ride on the next good example: two passes consumed hold the first pass's
+  # bad records and some of the second's (those before its last consumed good record).
+  seen = dict(zip(bad_records.REASONS, sum(b["_skipped"].sum(0) for b in batches).tolist()))
+  for reason in bad_records.REASONS:
+    n = expected.get(reason, 0)
+    assert n <= seen[reason] <= 2 * n, reason
+  epochs = np.concatenate([b["_epoch"] for b in batches])
+  assert epochs[0] == 0 and epochs[-1] == 1 and np.all(np.diff(epochs) >= 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,12 +441,10 @@ def test_img2dataset_tfrecords(tmp_path):
   _write_tfrecords(str(tmp_path / "00000.tfrecord"), [f"a{i}" for i in range(6)],
                    int_image_for=("a5",))
   _write_tfrecords(str(tmp_path / "00001.tfrecord"), [f"b{i}" for i in range(4)], truncate=True)
-  bad_records.reset()
   spec = f"{tmp_path}/{{00000..00001}}.tfrecord"
   rows = _eval_rows(spec, 4)
   keys = [key for key, bad in rows if not bad]
   assert sorted(keys) == [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(3)]
-  assert bad_records.counts()["truncated_shard"] == 1
   assert [key for key, bad in rows if bad] == [None]  # the malformed record, flagged
   batches = _batches(input_pipeline.train_dataset(_config(spec), with_keys=True), 3)
   for batch in batches:
@@ -657,3 +650,37 @@ def test_tfds_restart_starts_at_the_least_advanced_epoch():
   origin, new_rows, repeated = tfds_source.TfdsSource.restart_positions(None, rows, (0, 0), 2, 8)
   assert new_rows.tolist() == [[2, 0], [2, 0]] and tuple(origin) == (0, 0)
   assert repeated == 2 + 1 + 2  # epochs 2-3 of process 0, 2 of process 1, 2-3 of process 2
+
+
+# A script that keeps train_dataset iterators alive at exit (no `del it`) while the decode of
+# the next batch is still running in TensorFlow's threads (slowed down so that it always is).
+_ITERATORS_ALIVE_AT_EXIT = """
+import sys, time
+from superclip_jax import config_lib
+from superclip_jax.data import input_pipeline, transforms
+record = transforms.train_record
+def slow_record(*args):
+  time.sleep(0.05)
+  return record(*args)
+transforms.train_record = slow_record
+config = config_lib.base_config()
+config.model.image_size, config.model.context_length = 16, 16
+config.input.data, config.input.batch_size, config.input.shuffle_buffer = sys.argv[1], 4, 8
+ds = input_pipeline.train_dataset(config)
+it, numpy_it = iter(ds), ds.as_numpy_iterator()
+print("batches", next(it)["image"].shape, next(numpy_it)["image"].shape, flush=True)
+"""
+
+
+def test_a_script_may_exit_with_iterators_alive(image_folder):
+  """Issue 17.6: an iterator freed during interpreter teardown waited forever for a Python
+  call that teardown had ended (2 in 5 plain runs; every run with this slow decode). The
+  atexit hook frees them first."""
+  from tests import cpu_devices
+  try:
+    r = subprocess.run([sys.executable, "-c", _ITERATORS_ALIVE_AT_EXIT, f"folder:{image_folder}"],
+                       cwd=cpu_devices.REPO, env=cpu_devices.env(1), capture_output=True,
+                       text=True, timeout=90)
+  except subprocess.TimeoutExpired:
+    pytest.fail("the script hung at exit with tf.data iterators alive")
+  assert r.returncode == 0 and "batches (4, 16, 16, 3) (4, 16, 16, 3)" in r.stdout, r.stderr[-3000:]

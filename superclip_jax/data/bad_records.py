@@ -1,14 +1,18 @@
-"""Counts of records the input pipeline skipped, by reason, for the logged metrics.
+"""Records the input pipeline skips, by reason, and the counts of the consumed training stream.
 
-Readers and transforms call `count(reason)` instead of raising: a bad record never stops a run,
-but a source that gives only bad ones does (`TooManySkipped`, config.input.max_consecutive_skips).
-The counts are per process and cumulative since it started (they are not checkpointed); they
-include records read ahead into tf.data's buffers, so they can lead the step a little.
+Nothing here is a process-global counter. A reader or transform that meets a bad record marks
+it with a reason (a record's `problem`; `code(reason)` as its status), and a shard that cannot
+be read on (`*_shard`, `unreadable_file`) yields one placeholder record with that reason, once
+per opening: once per shard and epoch. The skipped records flow with the stream;
+`input_pipeline` counts them per reason onto the next good example of their source
+(`_skipped`), so the counts follow what the train step consumes: nothing read ahead, each
+record or shard once, summed over processes by the step itself (`train_step`). `DataCounts`
+adds them up on the host and travels in each checkpoint's metadata, so a resumed run goes on
+counting from where it stood. A source that gives only bad records stops the run
+(`TooManySkipped`, config.input.max_consecutive_skips). docs/data.md, "Bad records".
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import threading
 
 # Every reason the pipeline reports, so the logged keys are stable from the first step.
@@ -23,40 +27,67 @@ REASONS = (
     "corrupt_shard",      # a tar header checksum or TFRecord CRC failed; the rest is skipped
     "unreadable_file",    # a shard or image file could not be opened
 )
-
-_lock = threading.Lock()
-_counts: collections.Counter = collections.Counter()
-_local = threading.local()
+SHARD_REASONS = ("truncated_shard", "corrupt_shard", "unreadable_file")
 
 
-def count(reason: str, n: int = 1) -> None:
+def code(reason: str) -> int:
+  """A record's status for `reason`: 1 + its index in REASONS (0 is a good record)."""
   if reason not in REASONS:
     raise ValueError(f"unknown bad-record reason {reason!r}; add it to REASONS")
-  if getattr(_local, "muted", False):
-    return
-  with _lock:
-    _counts[reason] += n
+  return 1 + REASONS.index(reason)
 
 
-@contextlib.contextmanager
-def muted():
-  """Reads in this thread are not counted (startup probes: the pipeline counts them later)."""
-  _local.muted = True
-  try:
-    yield
-  finally:
-    _local.muted = False
+def reason_of(status: int) -> str:
+  """The reason of a status `code` (a good record's 0 has none)."""
+  return REASONS[int(status) - 1]
 
 
-def counts() -> dict[str, int]:
-  """{reason: records (or shards, for *_shard / unreadable_file) skipped} in this process."""
-  with _lock:
-    return {reason: int(_counts[reason]) for reason in REASONS}
+class DataCounts:
+  """The training stream's counts since the run began, the same on every process.
 
+  Fed the per-step metrics the loop fetches (`update`, like nonfinite.Guard): each step's
+  `data_skipped` int [len(REASONS)] (the skipped records attached to its global batch) and
+  `data_epoch` (the epoch of source 0's newest record in it, -1 if none); every example of a
+  batch is a good record consumed. Travels in checkpoint metadata (`metadata`).
+  """
 
-def reset() -> None:
-  with _lock:
-    _counts.clear()
+  def __init__(self, batch_size: int, step: int = 0, metadata: dict | None = None,
+               records_read: int = 0):
+    """step, metadata: the restored checkpoint's step and metadata (a fresh run: 0, None);
+    records_read: the count to assume where the metadata has none (an older checkpoint)."""
+    m = metadata or {}
+    self.batch_size = int(batch_size)
+    saved = m.get("data_skipped", {})
+    self.skipped = {reason: int(saved.get(reason, 0)) for reason in REASONS}
+    self.records_read = int(m.get("data_records_read", records_read))
+    self.epoch = int(m.get("data_epoch", 0))
+    self.seen = step  # steps up to here are counted
+
+  def update(self, history, step: int) -> None:
+    """history: the per-step metrics of the steps ending at `step` (some maybe seen before)."""
+    first = step - len(history) + 1
+    for i, metrics in enumerate(history):
+      if first + i <= self.seen:
+        continue
+      self.records_read += self.batch_size
+      if "data_skipped" in metrics:
+        for reason, n in zip(REASONS, metrics["data_skipped"]):
+          self.skipped[reason] += int(n)
+        self.epoch = max(self.epoch, int(metrics["data_epoch"]))
+    self.seen = max(self.seen, step)
+
+  def metrics(self) -> dict[str, float]:
+    """For the log: data/skipped (total), data/skipped_<reason> for the reasons seen,
+    data/records_read (good records consumed) and data/epoch (0: the first pass)."""
+    out = {"data/skipped": float(sum(self.skipped.values()))}
+    out.update({f"data/skipped_{reason}": float(n) for reason, n in self.skipped.items() if n})
+    out.update({"data/records_read": float(self.records_read), "data/epoch": float(self.epoch)})
+    return out
+
+  def metadata(self) -> dict:
+    """What a checkpoint carries for the next run (JSON)."""
+    return {"data_skipped": {reason: n for reason, n in self.skipped.items() if n},
+            "data_records_read": self.records_read, "data_epoch": self.epoch}
 
 
 class TooManySkipped(ValueError):
@@ -64,18 +95,18 @@ class TooManySkipped(ValueError):
   a source with nothing usable would otherwise be read forever, silently."""
 
 
+_lock = threading.Lock()
 _failures: list[TooManySkipped] = []
 
 
-def too_many_skipped(spec: str, run: int, limit: int) -> TooManySkipped:
-  """The error for `spec` having skipped `run` records in a row, with the reasons so far; kept
-  for the reader of the stream, which ends there (`take_failure`)."""
-  so_far = ", ".join(f"{reason}={n}" for reason, n in counts().items() if n)
+def too_many_skipped(spec: str, run: dict[str, int], limit: int) -> TooManySkipped:
+  """The error for `spec` having skipped the records `run` ({reason: n}) in a row; kept for
+  the reader of the stream, which ends there (`take_failure`)."""
+  reasons = ", ".join(f"{reason}={n}" for reason, n in run.items() if n)
   error = TooManySkipped(
-      f"{spec}: {run} records in a row were skipped, none usable (skipped so far in this "
-      f"process: {so_far or 'none counted'}). Is it the data meant, with the right fields? "
-      f"(docs/data.md, 'Bad records'); config.input.max_consecutive_skips={limit} sets this "
-      "limit (0: none).")
+      f"{spec}: {sum(run.values())} records in a row were skipped, none usable ({reasons}). "
+      "Is it the data meant, with the right fields? (docs/data.md, 'Bad records'); "
+      f"config.input.max_consecutive_skips={limit} sets this limit (0: none).")
   with _lock:
     _failures.append(error)
   return error

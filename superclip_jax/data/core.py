@@ -52,6 +52,18 @@ class Source:
     item sequence: items before the first are done, those up to the second were opened."""
     raise NotImplementedError
 
+  def _items_per_group(self, process_count: int, cycle_length: int) -> int:
+    raise NotImplementedError
+
+  def group_epochs(self, groups, process_index: int, process_count: int, cycle_length: int,
+                   origin=(0, 0)) -> np.ndarray:
+    """The epoch (0: the first pass over the data) of each position group in `groups` int [n]
+    of this process: that of the group's first item (a group that straddles two epochs counts
+    in the first)."""
+    k = self._items_per_group(process_count, cycle_length)
+    first = int(origin[0]) * self.num_items + int(origin[1]) + process_index
+    return (first + np.asarray(groups, np.int64) * k * process_count) // self.num_items
+
   def restart_positions(self, rows, origin, new_count: int, cycle_length: int):
     """Where the processes of a run with `new_count` processes start so that nothing the old
     run had not consumed is skipped, when `len(rows)` processes stood at `rows` int [old, 2]

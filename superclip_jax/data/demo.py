@@ -186,6 +186,8 @@ def train_rows(config, start: int, process_index: int, process_count: int) -> tf
   def render(idx):
     b = tf_batch(config.input.demo.seed, "train", idx, config.model.image_size,
                  ("caption", "long_caption"))
+    if config.input.demo.get("caption", "short") == "long":
+      b["caption"] = b["long_caption"]
     # The demo resumes from examples_seen; its position rows are unused.
     return {**b, "_position": tf.tile([[process_index, 0, 0, 0]], [tf.shape(idx)[0], 1])}
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from superclip_jax.data import bad_records, core, position, records
+from superclip_jax.data import core, position, records
 from superclip_jax.data.spec import DEFAULT_TEMPLATES, Fields
 
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -45,8 +45,9 @@ class ImageFolderSource(core.Source):
 
   def _read_and_pack(self, path, label) -> bytes:
     label = int(label)
-    return records.pack(records.Record(_read_file_or_empty(path), self._captions[label], [],
-                                       label, bytes(path)))
+    image, problem = _read_file(path)
+    return records.pack(records.Record(image, self._captions[label], [], label, bytes(path),
+                                       problem))
 
   def _record(self, path_and_label):
     packed = tf.numpy_function(self._read_and_pack, list(path_and_label), tf.string,
@@ -59,6 +60,10 @@ class ImageFolderSource(core.Source):
   @property
   def num_items(self):
     return len(self.files)
+
+  def _items_per_group(self, process_count, cycle_length):
+    del process_count, cycle_length
+    return _FOLDER_CHUNK
 
   def _progress(self, group, offset, process_count, cycle_length):
     del process_count, cycle_length  # files are read in order, one position each
@@ -93,13 +98,13 @@ class ImageFolderSource(core.Source):
         deterministic=True)
 
 
-def _read_file_or_empty(path) -> bytes:
+def _read_file(path) -> tuple[bytes, str]:
+  """(the file's bytes, '') or, for a vanished or unreadable file, (b'', 'unreadable_file')."""
   try:
     with tf.io.gfile.GFile(path.decode(), "rb") as f:
-      return f.read()
-  except Exception:  # noqa: BLE001  a vanished or unreadable file is a bad record
-    bad_records.count("unreadable_file")
-    return b""
+      return f.read(), ""
+  except Exception:  # noqa: BLE001  a bad record, never an exception
+    return b"", "unreadable_file"
 
 
 def image_folder_source(path: str, label_templates: Sequence[str] = DEFAULT_TEMPLATES

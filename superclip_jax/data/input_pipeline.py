@@ -7,8 +7,8 @@ How a batch flows (docs/data.md has the whole story):
      train state (`position.py`).
   2. Per record, on the host CPU (TensorFlow never sees an accelerator): decode, pick a
      caption, RandomResizedCrop (`transforms.py`, pixel-equal to OpenCLIP). Bad records are
-     skipped and counted (`data_metrics()`); a mixture then picks each example's source with
-     seeded weights.
+     skipped, and counted onto the next good example (`_skipped`); a mixture then picks each
+     example's source with seeded weights.
   3. Batches of this process's rows are tokenized with the CLIP BPE and CLIP-normalised.
   4. `to_global` assembles the per-process slices into global arrays laid out over the mesh;
      `prefetch_to_device` keeps the next batches in flight while a step runs.
@@ -18,12 +18,16 @@ A training batch is a dict: image float32 [b, H, W, 3] (CLIP-normalised), tokens
 the same, or with a long-caption field the long one — the paper's "dual" captions), and
 _position int32 [b, 4]: (process, source, group, offset) of each example's record, which the
 train step folds into the data-position table (`position.advance_position`) so that a
-restarted run continues exactly.
+restarted run continues exactly; file sources add _skipped int32 [b, len(bad_records.REASONS)]
+(the records skipped just before each example) and _epoch int32 [b] (its pass over its source),
+which the train step sums into the logged counts (`bad_records.DataCounts`).
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
+import gc
 import queue
 import threading
 from typing import Callable, Iterator, Sequence
@@ -43,48 +47,72 @@ tf.config.set_visible_devices([], "GPU")
 tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
 
 
-def _train_micro_batch(records, groups, offsets, *, seed: int, size: int, scale):
+def _release_iterators_at_exit() -> None:
+  """Frees every live tf.data iterator before the interpreter tears down.
+
+  Our pipelines call Python (tf.numpy_function) from TensorFlow's threads. An iterator still
+  alive at exit (a script's `it = iter(ds)` without `del it`) is freed during finalization,
+  when a thread entering Python to finish its call is ended instead, and the iterator's
+  destructor waits for that call forever (about 2 in 5 script runs hung). Freed here, in an
+  atexit hook, those calls can still finish. Iterators are unusable afterwards.
+  """
+  for obj in gc.get_objects():
+    if issubclass(type(obj), tf.data.Iterator):
+      getattr(obj, "__dict__", {}).pop("_iterator_resource", None)  # the last reference
+
+
+atexit.register(_release_iterators_at_exit)
+
+
+def _train_micro_batch(records, groups, offsets, *, seed: int, size: int, scale,
+                       group_epochs: Callable):
   """tf.numpy_function body: packed records [m] -> images uint8 [m, size, size, 3], caption,
-  long caption and key [m], status int32 [m] (transforms.OK or BAD)."""
+  long caption and key [m], status int32 [m] (transforms.OK, or a bad record's
+  bad_records.code), epoch int32 [m] (`core.Source.group_epochs`)."""
   m = len(records)
   images = np.zeros((m, size, size, 3), np.uint8)
   captions, long_captions, keys = (np.full(m, b"", dtype=object) for _ in range(3))
-  status = np.full(m, transforms.BAD, np.int32)
+  status = np.full(m, transforms.OK, np.int32)
   uniforms = transforms.position_uniforms(seed, groups, offsets)
   for i, data in enumerate(records):
     record = unpack(data)
     keys[i] = record.key
     if record.problem:
-      bad_records.count(record.problem)
+      status[i] = bad_records.code(record.problem)
       continue
     images[i], captions[i], long_captions[i], status[i] = transforms.train_record(
         record.image, record.texts, record.long_texts, uniforms[i], size, scale)
-  return images, captions, long_captions, keys, status
+  epochs = np.asarray(group_epochs(groups), np.int32).reshape(m)
+  return images, captions, long_captions, keys, status, epochs
 
 
 def _train_examples(config, source: core.Source, source_index: int, position, origin,
                     process_index: int, process_count: int, with_keys: bool) -> tf.data.Dataset:
-  """One source's good examples for this process: image uint8, captions, _position."""
+  """One source's good examples for this process: image uint8, captions, _position, and
+  _skipped int32 [len(REASONS)] / _epoch int32 (`_count_skips`)."""
   size = config.model.image_size
   seed = data_seed(config)
+  cycle_length = int(spec.input_field(config, "cycle_length"))
+  origin = (int(origin[0]), int(origin[1]))
   body = functools.partial(
       _train_micro_batch, seed=stream_seed(seed, source_index, process_index),
-      size=size, scale=tuple(float(s) for s in spec.input_field(config, "crop_scale")))
+      size=size, scale=tuple(float(s) for s in spec.input_field(config, "crop_scale")),
+      group_epochs=functools.partial(source.group_epochs, process_index=process_index,
+                                     process_count=process_count, cycle_length=cycle_length,
+                                     origin=origin))
   micro_batches = source.train_records(
       seed=seed, source_index=source_index, group=int(position[0]), offset=int(position[1]),
-      process_index=process_index, process_count=process_count,
-      cycle_length=int(spec.input_field(config, "cycle_length")),
-      shuffle_buffer=int(spec.input_field(config, "shuffle_buffer")),
-      origin=(int(origin[0]), int(origin[1])))
+      process_index=process_index, process_count=process_count, cycle_length=cycle_length,
+      shuffle_buffer=int(spec.input_field(config, "shuffle_buffer")), origin=origin)
 
   def process(mb):
-    image, caption, long_caption, key, status = tf.numpy_function(
+    image, caption, long_caption, key, status, epoch = tf.numpy_function(
         body, [mb["record"], mb["group"], mb["offset"]],
-        [tf.uint8, tf.string, tf.string, tf.string, tf.int32], stateful=False)
+        [tf.uint8, tf.string, tf.string, tf.string, tf.int32, tf.int32], stateful=False)
     m = tf.shape(mb["record"])[0]
     out = {"image": tf.ensure_shape(image, [None, size, size, 3]),
            "caption": tf.reshape(caption, [m]), "long_caption": tf.reshape(long_caption, [m]),
-           "_status": tf.reshape(status, [m]),
+           "_status": tf.reshape(status, [m]), "_epoch": tf.reshape(epoch, [m]),
            "_position": tf.cast(tf.stack([tf.fill([m], tf.cast(process_index, tf.int64)),
                                           tf.fill([m], tf.cast(source_index, tf.int64)),
                                           mb["group"], mb["offset"]], axis=1), tf.int32)}
@@ -94,38 +122,53 @@ def _train_examples(config, source: core.Source, source_index: int, position, or
 
   examples = micro_batches.map(process, num_parallel_calls=tf.data.AUTOTUNE,
                                deterministic=True)
-  examples = _stop_after_skips(examples, source.spec,
-                               int(spec.input_field(config, "max_consecutive_skips"))).unbatch()
+  examples = _count_skips(examples, source.spec,
+                          int(spec.input_field(config, "max_consecutive_skips"))).unbatch()
   examples = examples.filter(lambda ex: ex["_status"] == transforms.OK)
   return examples.map(lambda ex: {k: v for k, v in ex.items() if k != "_status"})
 
 
-def _stop_after_skips(micro_batches: tf.data.Dataset, source_spec: str,
-                      limit: int) -> tf.data.Dataset:
-  """Ends the (endless) stream once `limit` records in a row were skipped, leaving a
+def _count_skips(micro_batches: tf.data.Dataset, source_spec: str,
+                 limit: int) -> tf.data.Dataset:
+  """Adds `_skipped` int32 [m, len(REASONS)] to the micro-batches: on each good record, the
+  skipped records (by reason) since the previous good one of the stream, so the counts travel
+  with what is consumed (nothing read ahead, each record once, exact on resume: records after
+  the last consumed good one are read again).
+
+  Ends the (endless) stream once `limit` records in a row were skipped, leaving a
   bad_records.TooManySkipped for its reader (`host_batches`) to raise: an error raised inside
   tf.data would come wrapped, its traceback logged by TensorFlow. Counted in stream order, so
   whether and where it stops is deterministic. 0: no limit."""
-  if limit <= 0:
-    return micro_batches
+  num_reasons = len(bad_records.REASONS)
 
-  def count(run, mb):  # run: records skipped since the last good one
-    ok = mb["_status"] == transforms.OK
-    m = tf.size(ok, out_type=tf.int64)
-    last_ok = tf.reduce_max(tf.where(ok, tf.range(m), -1))
-    run = tf.where(last_ok >= 0, m - 1 - last_ok, run + m)
-    return run, (run, mb)
+  def count(run, mb):  # run int64 [reasons]: records skipped since the last good one
+    status = mb["_status"]
+    good = status == transforms.OK
+    m = tf.shape(status)[0]
+    by_reason = tf.one_hot(status - 1, num_reasons, dtype=tf.int64)  # a good record: zeros
+    # Segment k: the records after the k-th good one up to the (k+1)-th (which ends it).
+    segment = tf.cumsum(tf.cast(good, tf.int32), exclusive=True)
+    per_segment = tf.math.unsorted_segment_sum(by_reason, segment, m + 1)
+    per_segment += tf.pad(run[None], [[0, m], [0, 0]])  # the run so far ends in segment 0
+    skipped = tf.where(good[:, None], tf.gather(per_segment, segment), 0)
+    run = per_segment[tf.reduce_sum(tf.cast(good, tf.int32))]
+    return run, (run, {**mb, "_skipped": tf.cast(skipped, tf.int32)})
 
   def give_up(run):
-    bad_records.too_many_skipped(source_spec, int(run), limit)
+    bad_records.too_many_skipped(source_spec, dict(zip(bad_records.REASONS, run.tolist())),
+                                 limit)
     return False
 
   def go_on(run, mb):
     del mb
-    return tf.cond(run < limit, lambda: tf.constant(True),
+    if limit <= 0:
+      return tf.constant(True)
+    return tf.cond(tf.reduce_sum(run) < limit, lambda: tf.constant(True),
                    lambda: tf.reshape(tf.numpy_function(give_up, [run], tf.bool), []))
-  return micro_batches.scan(tf.constant(0, tf.int64), count).take_while(go_on).map(
-      lambda run, mb: mb)
+  counted = micro_batches.scan(tf.zeros([num_reasons], tf.int64), count)
+  if limit > 0:
+    counted = counted.take_while(go_on)
+  return counted.map(lambda run, mb: mb)
 
 
 def _mixed(streams: Sequence[tf.data.Dataset], weights: Sequence[float], seed: int,
@@ -153,9 +196,9 @@ def _finish_batch(config, dual: bool):
            "tokens": tokenizer.tf_tokenize(batch["caption"], ctx)}
     out["class_tokens"] = (tokenizer.tf_tokenize(batch["long_caption"], ctx) if dual
                            else out["tokens"])
-    out["_position"] = batch["_position"]
-    if "_key" in batch:
-      out["_key"] = batch["_key"]
+    for key in ("_position", "_skipped", "_epoch", "_key"):
+      if key in batch:
+        out[key] = batch[key]
     return out
   return finish
 
@@ -200,29 +243,6 @@ def train_dataset(config, start: int = 0, position=None, *, origin=None,
   dual = any(src.has_long_text for src in srcs)
   ds = ds.map(_finish_batch(config, dual), num_parallel_calls=tf.data.AUTOTUNE)
   return _with_options(ds.prefetch(int(spec.input_field(config, "prefetch"))), config)
-
-
-def data_metrics(all_reasons: bool = False) -> dict[str, float]:
-  """This process's skipped-record counts since it started, for the training log:
-  {'data/skipped': total, 'data/skipped_<reason>': count, ...} — only the reasons seen so far
-  (a clean dataset adds one short field to the log line), or every reason."""
-  counts = bad_records.counts()
-  out = {"data/skipped": float(sum(counts.values()))}
-  out.update({f"data/skipped_{reason}": float(n) for reason, n in counts.items()
-              if n or all_reasons})
-  return out
-
-
-def global_data_metrics() -> dict[str, float]:
-  """`data_metrics` summed over all processes. A collective: every process must call it at
-  the same point (e.g. each log step)."""
-  if jax.process_count() == 1:
-    return data_metrics()
-  from jax.experimental import multihost_utils
-  local = data_metrics(all_reasons=True)
-  values = np.asarray(list(local.values()), np.float64)
-  total = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(values)).sum(0)
-  return {k: v for k, v in zip(local, total.tolist()) if v or k == "data/skipped"}
 
 
 def _with_options(ds: tf.data.Dataset, config=None) -> tf.data.Dataset:

@@ -2,7 +2,8 @@
 
 A shard pattern expands braces and globs (`list_files`); every named shard must exist. Shards
 are read record by record in Python (`webdataset.read_shard`, a TFRecord iterator); what is
-wrong with a record becomes its `problem` (bad_records), never an exception. A process reads
+wrong with a record becomes its `problem` (bad_records), never an exception, and a shard that
+cannot be read on ends with one placeholder record saying why (training only). A process reads
 its shards in groups of `cycle_length`, interleaved and shuffled (`position.py`).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from superclip_jax.data import bad_records, core, position, records, webdataset
+from superclip_jax.data import core, position, records, webdataset
 from superclip_jax.data.spec import Fields, expand_braces
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -116,6 +117,9 @@ class _ShardedSource(core.Source):
 
   def _record(self, sample: dict) -> records.Record:
     """A raw sample -> Record; what is wrong becomes its `problem`, never an exception."""
+    if webdataset.PROBLEM in sample:  # the unreadable rest of a shard
+      return records.Record(b"", [], key=sample["__key__"].encode(),
+                            problem=sample[webdataset.PROBLEM])
     try:
       return self._parse_record(sample)
     except Exception:  # noqa: BLE001  e.g. an image feature holding integers
@@ -154,12 +158,16 @@ class _ShardedSource(core.Source):
     return records.Record(bytes(image), texts, long_texts, label,
                   str(sample.get("__key__", "")).encode(), problem)
 
-  def _record_chunks(self, path) -> Iterator[np.ndarray]:
+  def _record_chunks(self, path, placeholders=True) -> Iterator[np.ndarray]:
     """A shard's packed records, _CHUNK at a time: one tf.data element per chunk keeps the
-    Python -> TensorFlow crossing (~0.3 ms each) off the per-record cost."""
+    Python -> TensorFlow crossing (~0.3 ms each) off the per-record cost. placeholders: keep
+    the record that stands for a shard's unreadable rest (training counts it; an evaluation
+    has no example for it)."""
     path = path.decode() if isinstance(path, bytes) else str(path)
     chunk = []
     for sample in self._samples(path):
+      if not placeholders and webdataset.PROBLEM in sample:
+        continue
       chunk.append(records.pack(self._record(sample)))
       if len(chunk) == _CHUNK:
         yield np.array(chunk, dtype=object)
@@ -167,10 +175,13 @@ class _ShardedSource(core.Source):
     if chunk:
       yield np.array(chunk, dtype=object)
 
-  def _shard_dataset(self, path: tf.Tensor) -> tf.data.Dataset:
+  def _shard_dataset(self, path: tf.Tensor, placeholders: bool = True) -> tf.data.Dataset:
     return tf.data.Dataset.from_generator(
-        self._record_chunks, args=(path,),
+        self._record_chunks, args=(path, placeholders),
         output_signature=tf.TensorSpec([None], tf.string)).unbatch()
+
+  def _eval_shard_dataset(self, path: tf.Tensor) -> tf.data.Dataset:
+    return self._shard_dataset(path, placeholders=False)
 
   def _check_fields(self):
     """Reads the first samples of the first readable shard; a field absent from all of them
@@ -178,14 +189,14 @@ class _ShardedSource(core.Source):
     if not self.fields.text:
       raise ValueError(f"{self.spec}: no text field; set config.input.text_key (e.g. 'txt')")
     probe = []
-    with bad_records.muted():
-      for path in self.paths[:4]:
-        for sample in self._samples(path):
+    for path in self.paths[:4]:
+      for sample in self._samples(path):
+        if webdataset.PROBLEM not in sample:
           probe.append(sample)
-          if len(probe) >= _PROBE_SAMPLES:
-            break
-        if probe:
+        if len(probe) >= _PROBE_SAMPLES:
           break
+      if probe:
+        break
     if not probe:
       raise ValueError(f"{self.spec}: no readable sample in the first shards "
                        f"({', '.join(self.paths[:4])})")
@@ -220,6 +231,9 @@ class _ShardedSource(core.Source):
   @staticmethod
   def _group_size(num, process_count, cycle_length):
     return max(1, min(cycle_length, num // process_count))
+
+  def _items_per_group(self, process_count, cycle_length):
+    return self._group_size(self.num_items, process_count, cycle_length)
 
   def _progress(self, group, offset, process_count, cycle_length):
     # Records of a group come shuffled from all its shards: the current group's shards are
@@ -264,8 +278,8 @@ class _ShardedSource(core.Source):
   def eval_records(self, process_index=0, process_count=1):
     if len(self.paths) >= process_count:
       paths = self.paths[process_index::process_count]
-      return tf.data.Dataset.from_tensor_slices(paths).flat_map(self._shard_dataset)
-    ds = tf.data.Dataset.from_tensor_slices(self.paths).flat_map(self._shard_dataset)
+      return tf.data.Dataset.from_tensor_slices(paths).flat_map(self._eval_shard_dataset)
+    ds = tf.data.Dataset.from_tensor_slices(self.paths).flat_map(self._eval_shard_dataset)
     return ds.shard(process_count, process_index)
 
 
@@ -303,7 +317,7 @@ class TFRecordSource(_ShardedSource):
     try:
       records = tf.compat.v1.io.tf_record_iterator(path)
     except Exception:  # noqa: BLE001
-      bad_records.count("unreadable_file")
+      yield webdataset.placeholder(path, "unreadable_file")
       return
     index = 0
     while True:
@@ -312,16 +326,17 @@ class TFRecordSource(_ShardedSource):
       except StopIteration:
         return
       except tf.errors.DataLossError as e:
-        bad_records.count("truncated_shard" if "truncated" in str(e) else "corrupt_shard")
+        yield webdataset.placeholder(
+            path, "truncated_shard" if "truncated" in str(e) else "corrupt_shard")
         return
       except tf.errors.OpError:
-        bad_records.count("unreadable_file")
+        yield webdataset.placeholder(path, "unreadable_file")
         return
       sample = {"__key__": f"{path}:{index}"}
       try:
         features = tf.train.Example.FromString(serialized).features.feature
       except Exception:  # noqa: BLE001  (protobuf DecodeError)
-        bad_records.count("corrupt_shard")
+        yield webdataset.placeholder(path, "corrupt_shard")
         return
       for name, feature in features.items():
         kind = feature.WhichOneof("kind")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from superclip_jax.data import core, position, records
@@ -84,6 +85,10 @@ class TfdsSource(core.Source):
     return position.restart_at_least_advanced_group(rows, origin, new_count)
 
   item_name = "epoch pass"
+
+  def group_epochs(self, groups, process_index, process_count, cycle_length, origin=(0, 0)):
+    del process_index, process_count, cycle_length, origin
+    return np.asarray(groups, np.int64)  # a group is one pass over this process's split
 
   def summary(self):
     try:

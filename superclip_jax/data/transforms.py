@@ -12,7 +12,7 @@ same uint8 pixels (tests/test_transforms.py checks both against open_clip):
   * normalize: /255, minus CLIP's mean, over CLIP's std (done per batch, in `input_pipeline`).
 
 `train_record` / `eval_record` are the bodies of the tf.data map: they decode, choose a
-caption and crop, and report a bad record (counted in `bad_records`) instead of raising.
+caption and crop, and report a bad record (its `bad_records.code` as status) instead of raising.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then a cen
 NUM_UNIFORMS = 2 * CROP_ATTEMPTS + 2 + 2
 
 OK = 0
-BAD = 1  # the record is skipped; bad_records says why
+BAD = 1  # the record is skipped (train_record's status is bad_records.code(reason) > 0)
 
 
 def decode(data: bytes) -> Image.Image:
@@ -170,13 +170,11 @@ def _pick(options: list[bytes], u: float) -> bytes:
 
 
 def _decoded(data: bytes) -> Image.Image | None:
-  if not data:
-    bad_records.count("bad_image")  # zero-byte file
+  if not data:  # a zero-byte file
     return None
   try:
     return decode(data)
   except Exception:  # noqa: BLE001  PIL raises many types on bad data (and bombs)
-    bad_records.count("bad_image")
     return None
 
 
@@ -185,21 +183,21 @@ def train_record(image_bytes, texts, long_texts, uniforms, size: int, scale=TRAI
 
   texts / long_texts: candidate captions (bytes); one is chosen at random (uniforms[-2],
   uniforms[-1]). A record without a usable image or caption has status BAD (zeros image);
-  a record without a usable long caption uses its caption for the head.
+  a record without a usable long caption uses its caption for the head. A bad record's
+  status is bad_records.code(why) (zeros image).
   """
-  empty = (np.zeros((size, size, 3), np.uint8), b"", b"", np.int32(BAD))
+  def skipped(why):
+    return np.zeros((size, size, 3), np.uint8), b"", b"", np.int32(bad_records.code(why))
   captions, why = _valid_captions(texts)
   if why is not None:
-    bad_records.count(why)
-    return empty
+    return skipped(why)
   image = _decoded(bytes(image_bytes))
   if image is None:
-    return empty
+    return skipped("bad_image")
   try:
     pixels = train_image(image, size, crop_box(image.size[0], image.size[1], uniforms, scale))
   except Exception:  # noqa: BLE001  decoders can fail lazily, and odd modes in resize
-    bad_records.count("bad_image")
-    return empty
+    return skipped("bad_image")
   caption = _pick(captions, uniforms[-2])
   long_captions, _ = _valid_captions(long_texts)
   long_caption = _pick(long_captions, uniforms[-1]) if long_captions else caption
@@ -214,5 +212,4 @@ def eval_record(image_bytes, size: int):
   try:
     return eval_image(image, size), np.int32(OK)
   except Exception:  # noqa: BLE001
-    bad_records.count("bad_image")
     return np.zeros((size, size, 3), np.uint8), np.int32(BAD)

@@ -7,8 +7,9 @@ the member path up to the first '.' of its file name; the extension is the rest,
 
 The reader is a small streaming ustar/GNU/pax parser written for damaged data: a shard that
 cannot be opened, a header whose checksum fails, or a file that ends inside a member stops that
-shard (counted in `bad_records`) after yielding every sample read completely so far; it never
-raises. Shards are read through `tf.io.gfile`, so `gs://` paths work.
+shard after yielding every sample read completely so far, then one placeholder sample
+{'__key__': path, PROBLEM: reason} (a bad_records reason, counted once per shard read); it
+never raises. Shards are read through `tf.io.gfile`, so `gs://` paths work.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from superclip_jax.data import bad_records
 BLOCK = 512
 _READ_BUFFER = 4 << 20  # large reads: few round trips on GCS
 _KEY_EXT = re.compile(r"^((?:.*/)?[^./][^/.]*)\.([^/]+)$")  # dir/key.ext; no hidden files
+PROBLEM = "__problem__"  # a placeholder sample's field: why the rest of its shard is skipped
 
 
 class _Damaged(Exception):
@@ -109,9 +111,11 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     yield name, data
 
 
-def samples_from_stream(f: BinaryIO) -> Iterator[dict]:
-  """Samples {'__key__': str, ext: bytes, ...} of a tar stream; damage ends it, counted."""
+def samples_from_stream(f: BinaryIO, name: str = "") -> Iterator[dict]:
+  """Samples {'__key__': str, ext: bytes, ...} of a tar stream; damage ends it with a
+  placeholder {'__key__': name, PROBLEM: reason}."""
   current: dict | None = None
+  problem = None
   try:
     for name, data in tar_members(f):
       match = _KEY_EXT.match(name)
@@ -125,25 +129,33 @@ def samples_from_stream(f: BinaryIO) -> Iterator[dict]:
         current = {"__key__": key}
       current.setdefault(ext, data)  # a repeated extension keeps the first
   except _Damaged as e:
-    bad_records.count(e.reason)
+    problem = e.reason
   except (ValueError, OSError):  # malformed numbers, I/O errors mid-file
-    bad_records.count("corrupt_shard")
+    problem = "corrupt_shard"
   if current is not None:
     yield current  # complete members only: the damaged one was never added
+  if problem is not None:
+    yield placeholder(name, problem)
+
+
+def placeholder(name: str, reason: str) -> dict:
+  """The sample that stands for the unreadable rest of shard `name` (a bad_records reason)."""
+  bad_records.code(reason)  # a known reason
+  return {"__key__": name, PROBLEM: reason}
 
 
 def read_shard(path: str) -> Iterator[dict]:
-  """Samples of one tar shard (local or gs://); an unopenable shard yields none, counted."""
+  """Samples of one tar shard (local or gs://); an unopenable shard yields a placeholder."""
   import tensorflow as tf
   try:
     f = _open(path)
   except Exception:  # noqa: BLE001  (any filesystem error)
-    bad_records.count("unreadable_file")
+    yield placeholder(path, "unreadable_file")
     return
   try:
-    yield from samples_from_stream(f)
+    yield from samples_from_stream(f, path)
   except tf.errors.OpError:
-    bad_records.count("unreadable_file")
+    yield placeholder(path, "unreadable_file")
   finally:
     f.close()
 

@@ -80,14 +80,16 @@ class RetrievalEvaluator:
       per image (short and long).
     batch_size: global image batch, a multiple of the device and process counts.
     max_captions: the first K captions of each image are used (None: 5; the demo: 2).
+    caption_index: use only caption i of each image (None: all K); the demo: 0 = its short
+      caption, 1 = its long one. Images without that caption are not queries.
     num_examples: the first n images (None: all; the demo renders 512).
     ks: the K of the Recall@K reported.
   """
   needs_text = True
 
   def __init__(self, config, model, mesh, *, data: str = "demo", batch_size: int = 256,
-               max_captions: int | None = None, num_examples: int | None = None,
-               ks=(1, 5, 10)):
+               max_captions: int | None = None, caption_index: int | None = None,
+               num_examples: int | None = None, ks=(1, 5, 10)):
     self.config = config
     self.mesh = mesh
     self.data = eval_data.parse(data, eval_data.CAPTIONS)
@@ -95,6 +97,11 @@ class RetrievalEvaluator:
     if max_captions is None:
       max_captions = 2 if self.data.kind == "demo" else 5
     self.max_captions = int(max_captions)
+    if caption_index is not None and not 0 <= caption_index < self.max_captions:
+      raise ValueError(f"retrieval eval: caption_index={caption_index} is not one of the "
+                       f"{self.max_captions} captions kept (max_captions): use 0 to "
+                       f"{self.max_captions - 1}, or raise max_captions")
+    self.caption_index = caption_index
     self.num_examples = num_examples
     self.ks = tuple(ks)
     common.local_batch_size(self.batch_size, mesh)
@@ -114,8 +121,11 @@ class RetrievalEvaluator:
     ds = eval_data.image_text_data(self.data, self.config, local, self.max_captions,
                                    self.num_examples)
     out = self._encode(params, ds, self.batch_size)
-    mask = out["caption_mask"]  # [images, K]
-    ztxt = out["ztxt"][mask]
+    mask, ztxt = out["caption_mask"], out["ztxt"]  # [images, K], [images, K, embed]
+    if self.caption_index is not None:
+      keep = slice(self.caption_index, self.caption_index + 1)
+      mask, ztxt = mask[:, keep], ztxt[:, keep]
+    ztxt = ztxt[mask]
     text_image = np.nonzero(mask)[0]
     image_ranks, text_ranks = retrieval_ranks(out["zimg"], ztxt, text_image)
     metrics = recall_at_k(image_ranks, text_ranks, self.ks)

@@ -1,0 +1,96 @@
+"""Counts a user can trust (issue 17 item 4): metrics.jsonl's data/skipped_<reason> follow the
+consumed stream — each damaged record once, a damaged shard once per epoch, nothing read
+ahead — summed over processes, carried through a resume; with data/records_read and
+data/epoch, 'were any good records lost?' has an answer."""
+import json
+import os
+
+import numpy as np
+
+from superclip_jax import train
+from tests.test_input_pipeline import _good, _image, _write_tar
+from tests.test_main import _tiny_demo_config
+
+# What one pass over `_damaged_shards` skips, by reason.
+PER_EPOCH = {"bad_image": 2, "caption_not_utf8": 1, "missing_caption": 1, "missing_image": 1,
+             "truncated_shard": 2, "corrupt_shard": 1}
+GOOD = 24  # good records in one pass: 3 global batches of 8
+
+
+def _damaged_shards(root):
+  """6 shards, 24 good records and PER_EPOCH damage. Shard 5 is the longest and all good, so
+  read 6 at a time without shuffling, each pass ends with its good records and the
+  damage of a pass all lies before the pass's last good record."""
+  root.mkdir()
+  shards = [[], [], [], None, None, []]
+  for r in range(4):
+    shards[0] += _good(f"a{r}", r)
+    shards[1] += _good(f"b{r}", 10 + r)
+  shards[0] += [("a_zero.jpg", b""), ("a_zero.txt", b"photo a_zero")]  # bad_image
+  shards[0] += [("a_utf.png", _image(5)), ("a_utf.txt", b"photo \xff\xfe")]  # not UTF-8
+  shards[0] += _good("a9", 9)
+  shards[1] += [("b_nocap.png", _image(15))]  # missing_caption
+  shards[1] += [("b_junk.jpg", b"not a jpeg"), ("b_junk.txt", b"photo b_junk")]  # bad_image
+  shards[1] += [("b_noimg.txt", b"photo b_noimg"), ("b_noimg.json", b"{}")]  # missing_image
+  shards[1] += _good("b9", 19)
+  shards[2] = [m for r in range(3) for m in _good(f"c{r}", 20 + r)]
+  shards[5] = [m for r in range(11) for m in _good(f"f{r}", 30 + r)]
+  for i, members in enumerate(shards):
+    if members is not None:
+      _write_tar(str(root / f"{i}.tar"), members)
+  big = _image(7, "PNG", (200, 200))  # shard 2 ends inside this member: truncated_shard
+  offsets = _write_tar(str(root / "2.tar"), shards[2] + [("c_cut.png", big)])
+  with open(root / "2.tar", "r+b") as f:
+    f.truncate(offsets["c_cut.png"] + 512 + len(big) // 2)
+  (root / "3.tar").write_bytes(np.random.default_rng(0).bytes(3000))  # corrupt_shard
+  (root / "4.tar").write_bytes(b"")  # an empty file: truncated_shard
+  return f"wds:{root}/{{0..5}}.tar"
+
+
+def _config(data, total_steps):
+  c = _tiny_demo_config(total_steps)
+  c.input.data = data
+  c.input.cycle_length = 6  # one position group per pass
+  c.input.shuffle_buffer = 1
+  c.log_training_steps = 1
+  return c
+
+
+def _train_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+def _skipped(record):
+  return {k[len("data/skipped_"):]: v for k, v in record.items()
+          if k.startswith("data/skipped_")}
+
+
+def test_counts_are_exact_per_epoch_and_survive_a_resume(tmp_path):
+  data = _damaged_shards(tmp_path / "shards")
+  steps = 2 * GOOD // 8  # two passes
+  full = str(tmp_path / "full")
+  train.train_and_evaluate(_config(data, steps), full)
+  records = _train_records(full)
+  assert sorted(records) == list(range(1, steps + 1))
+  one_pass = records[GOOD // 8]
+  # After one pass, exactly one pass's damage, though the input had read ahead into the next;
+  # the empty and the corrupt shard once each.
+  assert _skipped(one_pass) == PER_EPOCH
+  assert one_pass["data/skipped"] == sum(PER_EPOCH.values())
+  assert one_pass["data/records_read"] == GOOD and one_pass["data/epoch"] == 0
+  last = records[steps]
+  assert _skipped(last) == {k: 2 * n for k, n in PER_EPOCH.items()}
+  assert last["data/records_read"] == 2 * GOOD and last["data/epoch"] == 1
+  assert records[1]["data/records_read"] == 8 and records[1]["data/skipped"] < 8
+
+  # Stopped inside the second pass and resumed: the same counts at every later step.
+  resumed = str(tmp_path / "resumed")
+  train.train_and_evaluate(_config(data, steps), resumed, stop_after=4)
+  train.train_and_evaluate(_config(data, steps), resumed)
+  again = _train_records(resumed)
+  for step in range(4, steps + 1):
+    for key in ("data/skipped", "data/records_read", "data/epoch"):
+      assert again[step][key] == records[step][key], (step, key)
+    assert _skipped(again[step]) == _skipped(records[step]), step
+
