@@ -44,27 +44,33 @@ QUICK_CONFIG = {"model.variant": "mu/8", "model.image_size": 32, "log_training_s
                 "ckpt_steps": 8}
 QUICK_EVAL = dict(num_examples=64, batch_size=64)
 
-config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "demo.py"),
-                                "Base config of every run (file.py:arg); --config.FIELD=value "
-                                "overrides any field", lock_config=False)
-flags.DEFINE_string("out", None, "Study directory: runs/, results.json, study.md, figures.")
-flags.DEFINE_bool("quick", False, "The tiny grid of the CI smoke test (docs/study.md).")
-flags.DEFINE_list("modes", list(MODES), "Models compared: clip (no head), superclip.")
-flags.DEFINE_list("batch_sizes", ["16", "32", "64", "128"], "Global batch sizes.")
-flags.DEFINE_list("regimes", list(REGIMES), "Caption regimes: short, long, dual.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed of each repetition.")
-flags.DEFINE_integer("samples", 16384, "Training samples seen by every run.")
-flags.DEFINE_integer("siglip_batch", None, "Batch size of the SigLIP pair (default: the largest"
-                     " of --batch_sizes; 0: no SigLIP pair).")
-flags.DEFINE_float("warmup_fraction", None, "Warm-up steps as a fraction of each run's steps "
-                   "(default: the base config's warmup_steps / total_steps).")
-flags.DEFINE_float("lr", None, "Peak learning rate of every run (default: the base config's).")
-flags.DEFINE_list("metrics", [], "Eval metrics in the report's tables and figures, e.g. "
-                  "zeroshot/shape_top1 (default: every *top1, *_R@1 and *_R@10).")
-flags.DEFINE_string("compile_cache", "DEFAULT", "Persistent JAX compilation cache shared by the "
-                    "runs (DEFAULT: OUT/jax_cache unless JAX_COMPILATION_CACHE_DIR is set; "
-                    "'' for none).")
-flags.DEFINE_bool("report_only", False, "Write the report from the finished runs; train none.")
+
+def define_flags() -> None:
+  """The command line (defined only when run as a script: importing this module must not
+  claim flag names such as --config or --out in the importer's process)."""
+  config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "demo.py"),
+                                  "Base config of every run (file.py:arg); --config.FIELD=value "
+                                  "overrides any field", lock_config=False)
+  flags.DEFINE_string("out", None, "Study directory: runs/, results.json, study.md, figures.")
+  flags.DEFINE_bool("quick", False, "The tiny grid of the CI smoke test (docs/study.md).")
+  flags.DEFINE_list("modes", list(MODES), "Models compared: clip (no head), superclip.")
+  flags.DEFINE_list("batch_sizes", ["16", "32", "64", "128"], "Global batch sizes.")
+  flags.DEFINE_list("regimes", list(REGIMES), "Caption regimes: short, long, dual.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed of each repetition.")
+  flags.DEFINE_integer("samples", 16384, "Training samples seen by every run.")
+  flags.DEFINE_integer("siglip_batch", None, "Batch size of the SigLIP pair (default: the largest"
+                       " of --batch_sizes; 0: no SigLIP pair).")
+  flags.DEFINE_float("warmup_fraction", None, "Warm-up steps as a fraction of each run's steps "
+                     "(default: the base config's warmup_steps / total_steps).")
+  flags.DEFINE_float("lr", None, "Peak learning rate of every run (default: the base config's).")
+  flags.DEFINE_list("metrics", [], "Eval metrics in the report's tables and figures, e.g. "
+                    "zeroshot/shape_top1 (default: every *top1, *_R@1 and *_R@10).")
+  flags.DEFINE_string("compile_cache", "DEFAULT", "Persistent JAX compilation cache shared by the "
+                      "runs (DEFAULT: OUT/jax_cache unless JAX_COMPILATION_CACHE_DIR is set; "
+                      "'' for none).")
+  flags.DEFINE_bool("report_only", False, "Write the report from the finished runs; train none.")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -374,4 +380,5 @@ def _compile_cache(out: str) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

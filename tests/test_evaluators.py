@@ -594,7 +594,7 @@ def test_a_misspelt_field_is_an_error_naming_the_evaluator_and_the_field(mesh):
   model = KnownModel(np.eye(2), np.eye(2))
   with pytest.raises(ValueError, match=r"config.evals.retrieval_coco: RetrievalEvaluator has "
                      r"no field 'max_caption' \(did you mean 'max_captions'\?\); its fields: "
-                     r"data, batch_size, max_captions, num_examples, ks \(and type, "
+                     r"data, batch_size, max_captions, caption_index, num_examples, ks \(and type, "
                      r"every_steps\)"):
     evaluators.build(config, model, mesh)
 

@@ -141,15 +141,20 @@ def write_layout(images, classnames: Sequence[str], templates: Sequence[str], ou
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data", None, "Labelled eval data: folder:PATH, tfds:NAME:SPLIT or "
-                    "wds:PATTERN?label=FIELD.")
-flags.DEFINE_string("out", None, "Dataset folder to write (clip_benchmark's --dataset_root).")
-flags.DEFINE_multi_string("classnames", None, "A built-in list (imagenet, cifar10, cifar100), "
-                          "or once per class in label order (default: the data's own).")
-flags.DEFINE_multi_string("templates", None, "A built-in list (openai_imagenet, cifar, plain), "
-                          "or once per template with one '{}' (default: the class list's).")
-flags.DEFINE_string("split", "test", "Split folder name (clip_benchmark's --split).")
-flags.DEFINE_integer("shard_size", 10_000, "Images per shard.")
+
+
+def define_flags() -> None:
+  """The command line (defined only when run as a script: importing this module for
+  `write_layout` must not claim flag names such as --out in the importer's process)."""
+  flags.DEFINE_string("data", None, "Labelled eval data: folder:PATH, tfds:NAME:SPLIT or "
+                      "wds:PATTERN?label=FIELD.")
+  flags.DEFINE_string("out", None, "Dataset folder to write (clip_benchmark's --dataset_root).")
+  flags.DEFINE_multi_string("classnames", None, "A built-in list (imagenet, cifar10, cifar100), "
+                            "or once per class in label order (default: the data's own).")
+  flags.DEFINE_multi_string("templates", None, "A built-in list (openai_imagenet, cifar, plain), "
+                            "or once per template with one '{}' (default: the class list's).")
+  flags.DEFINE_string("split", "test", "Split folder name (clip_benchmark's --split).")
+  flags.DEFINE_integer("shard_size", 10_000, "Images per shard.")
 
 
 def _one_or_list(values):
@@ -181,4 +186,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
