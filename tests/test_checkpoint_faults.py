@@ -140,28 +140,24 @@ def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_clear_line(tmp_pa
   ENOSPC) stops the run as soon as the asynchronous save reports it, with one line naming the
   step, the directory and what to do; not at the next save, under thousands of lines of
   "Event loop is closed" as before."""
-  import resource
-  import signal
   import subprocess
   import sys
 
   from tests import cpu_devices
 
-  limit = 300_000  # bytes per file: the metrics and config files fit, the checkpoint does not
-
-  def limited():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write(), not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
   workdir = tmp_path / "w"
+  # 293 KiB per file: the metrics and config files fit, the checkpoint does not. SIGXFSZ
+  # ignored: a failed write(), not a killed process. Set by the shell that execs the trainer
+  # (no preexec_fn: forking this multithreaded JAX process to run Python is unsafe).
+  limited = "ulimit -f 293 && trap '' XFSZ && exec \"$@\""
   r = subprocess.run(
-      [sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
+      ["bash", "-c", limited, "bash",
+       sys.executable, "-m", "superclip_jax.main", "--config=configs/demo.py",
        f"--workdir={workdir}", "--config.model.variant=mu/8", "--config.model.image_size=32",
        "--config.input.batch_size=8", "--config.total_steps=40", "--config.ckpt_steps=2",
        "--config.log_training_steps=1", "--config.evals.zeroshot.every_steps=0",
        "--config.evals.retrieval.every_steps=0"],
-      cwd=cpu_devices.REPO, env=cpu_devices.env(1), preexec_fn=limited, capture_output=True,
-      text=True, timeout=300)
+      cwd=cpu_devices.REPO, env=cpu_devices.env(1), capture_output=True, text=True, timeout=300)
   assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-3000:])
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"Error: Saving the checkpoint of step 2 in {workdir}/checkpoints "
