@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import os
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -249,7 +252,7 @@ class Checkpointer:
           raise
 
 
-def _after_failed_write(kind, value, tb) -> bool:
+def _after_failed_write(value) -> bool:
   """Whether an exception is the aftermath of a failed asynchronous write: TensorStore's
   callbacks into an event loop that the failure closed, or Orbax's write coroutines collected
   at exit. Each would print a traceback (thousands on a full disk), after the one that counts.
@@ -260,17 +263,16 @@ def _after_failed_write(kind, value, tb) -> bool:
 
 
 def _install_quiet_hooks() -> None:
-  import sys
   if getattr(sys.excepthook, "_superclip_quiet", False):
     return
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
   def quiet_excepthook(kind, value, tb):
-    if not _after_failed_write(kind, value, tb):
+    if not _after_failed_write(value):
       excepthook(kind, value, tb)
 
   def quiet_unraisablehook(info):
-    if not _after_failed_write(info.exc_type, info.exc_value, info.exc_traceback):
+    if not _after_failed_write(info.exc_value):
       unraisablehook(info)
 
   quiet_excepthook._superclip_quiet = True
@@ -281,8 +283,6 @@ def orbax_errors_in_one_line() -> None:
   """Orbax's error log records without their tracebacks, one line each (main's default; any
   --verbosity keeps them whole). A failed write logs the same traceback from several threads,
   and CheckpointSaveError says what happened and what to do."""
-  import logging as std_logging
-
   class OneLine(std_logging.Filter):
     def filter(self, record):
       if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR:
@@ -300,8 +300,6 @@ _SAVE_FAILED = False  # set once a save failed (and was reported): its aftermath
 def _set_save_failed() -> bool:
   """From now on, the failed write's leftovers (asyncio's unretrieved task errors, coroutines
   never awaited) are not printed: the failure was reported once, as CheckpointSaveError."""
-  import logging as std_logging
-  import warnings
   global _SAVE_FAILED
   if not _SAVE_FAILED:
     _SAVE_FAILED = True

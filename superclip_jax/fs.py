@@ -12,6 +12,7 @@ Orbax (checkpoints) takes the workdir's URL itself: tensorstore writes the array
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import shutil
 from typing import IO
@@ -93,10 +94,15 @@ def _read(path, mode):
   if not is_url(path):
     with builtins.open(path, mode) as f:
       return f.read()
-  gfile = _gfile()
+  with _not_found_as_oserror(path), _gfile().GFile(path, mode) as f:
+    return f.read()
+
+
+@contextlib.contextmanager
+def _not_found_as_oserror(path):
+  """TensorFlow's NotFoundError as FileNotFoundError: one exception on every filesystem."""
   try:
-    with gfile.GFile(path, mode) as f:
-      return f.read()
+    yield
   except Exception as e:
     if type(e).__name__ == "NotFoundError":  # tf.errors.NotFoundError
       raise FileNotFoundError(f"{path} not found") from e
@@ -142,12 +148,8 @@ def remove(path) -> None:
   if not is_url(path):
     os.remove(path)
     return
-  try:
+  with _not_found_as_oserror(path):
     _gfile().remove(path)
-  except Exception as e:
-    if type(e).__name__ == "NotFoundError":
-      raise FileNotFoundError(f"{path} not found") from e
-    raise
 
 
 def move_tree(src, dst) -> None:

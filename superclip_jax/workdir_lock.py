@@ -122,23 +122,22 @@ class _Lease:
 
 def _create(path: str, text: str) -> bool:
   """Creates `path` with `text` unless it exists, atomically where the storage allows."""
-  name = path
-  if not fs.is_url(name):
+  if not fs.is_url(path):
     try:
-      fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
     with os.fdopen(fd, "w") as f:
       f.write(text)
     return True
-  if name.startswith("gs://"):
+  if path.startswith("gs://"):
     try:
       from google.api_core import exceptions
       from google.cloud import storage
     except ImportError:
       storage = None
     if storage is not None:
-      bucket, _, blob = name[len("gs://"):].partition("/")
+      bucket, _, blob = path[len("gs://"):].partition("/")
       try:  # generation 0: only if no object exists
         storage.Client().bucket(bucket).blob(blob).upload_from_string(text, if_generation_match=0)
         return True
