@@ -321,18 +321,23 @@ def check_evals(config, names=None) -> None:
             "docs/evaluation.md)")
 
 
-def eval_data_warnings(config) -> list[str]:
-  """One line per eval that reads the built-in demo data while training reads other data: its
-  numbers would be about the demo's shapes, not the data trained on. Shown at start-up."""
+def eval_data_warnings(config, names=None, train_data: str | None = None) -> list[str]:
+  """One line per eval (of `names`; default all) that reads the built-in demo data while
+  training reads other data (`train_data`, default config.input.data): its numbers would be
+  about the demo's shapes, not the data trained on. Shown at start-up, by training and by the
+  evaluate command."""
   from superclip_jax.data import spec  # plain Python
+  train_data = config.input.data if train_data is None else train_data
   try:
-    if any(spec.parse_spec(s)[0] == "demo" for s, _ in spec.mixture(config.input.data)):
+    if any(spec.parse_spec(s)[0] == "demo" for s, _ in spec.mixture(train_data)):
       return []
   except (ValueError, TypeError):
     return []  # validate() names what is wrong with the data
   from superclip_jax import evaluators  # the evaluators' defaults: TensorFlow, at start-up only
   lines = []
   for name, ev in config.get("evals", {}).items():
+    if names is not None and name not in names:
+      continue
     cls = evaluators.REGISTRY.get(ev.get("type", name))
     defaults = evaluators.common.fields_of(cls) if cls is not None else {}
     for field in ("data", "train_data", "test_data"):
@@ -343,7 +348,7 @@ def eval_data_warnings(config) -> list[str]:
         said = f"{value!r}" + ("" if field in ev else ", its default")
         lines.append(
             f"config.evals.{name}.{field} reads the built-in demo data ({said}) while "
-            f"training reads {config.input.data!r}: its numbers are about the demo's shapes, "
+            f"training reads {train_data!r}: its numbers are about the demo's shapes, "
             f"not your data. Set --config.evals.{name}.{field}=SPEC (e.g. 'folder:/data/test'; "
             "docs/evaluation.md) or drop the evals (--config=configs/demo.py:evals=none).")
   return lines

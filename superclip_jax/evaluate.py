@@ -22,6 +22,7 @@ if __name__ == "__main__":  # SUPERCLIP_JAX_MALLOC=tuned: see host_malloc
 
 import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -50,6 +51,9 @@ def evaluate(workdir: str, config=None, step: int | None = None, names=None) -> 
   config = saved if config is None else config
   check_same_model(saved, config)
   config_lib.check_evals(config, names)  # an unset eval data path: named, before any loading
+  if jax.process_index() == 0:  # shown at any verbosity, as training shows it
+    for line in config_lib.eval_data_warnings(config, names, train_data=saved.input.data):
+      print(f"Warning: {line}", flush=True)
   mesh = sharding.make_mesh(config.mesh)
   _, _, state = checkpoint.load_state(workdir, step, mesh=mesh)
   evals = evaluators.build(config, models.model_from_config(config.model), mesh, names)

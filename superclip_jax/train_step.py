@@ -138,7 +138,21 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
   if "_skipped" in batch:  # this global batch's share of the data counts (bad_records)
     metrics["data_skipped"] = jnp.sum(batch["_skipped"], axis=0)
     metrics["data_epoch"] = jnp.max(jnp.where(batch["_position"][:, 1] == 0, batch["_epoch"], -1))
+    metrics["data_epoch_rows"] = epoch_rows(batch["_position"][:, 1], batch["_epoch"],
+                                            state.data_position.shape[1])
   return new, metrics
+
+
+def epoch_rows(source, epoch, num_sources: int):
+  """int [num_sources, 3]: per source, (the newest epoch among its rows in the batch, or -1;
+  how many of its rows are of that epoch; how many rows it has). The rows not of the newest
+  epoch are of the one before (a shuffle buffer mixes at most two epochs when a source holds
+  more records than the buffer): `bad_records.DataCounts` counts records per epoch from it."""
+  ids = jnp.arange(num_sources)[:, None]
+  mine = source[None, :] == ids  # [sources, batch]
+  newest = jnp.max(jnp.where(mine, epoch[None, :], -1), axis=1)
+  at_newest = jnp.sum(mine & (epoch[None, :] == newest[:, None]), axis=1)
+  return jnp.stack([newest, at_newest, jnp.sum(mine, axis=1)], axis=1).astype(jnp.int32)
 
 
 def make_train_step(config, model, tx, schedule, mesh=None):

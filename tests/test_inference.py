@@ -1,6 +1,7 @@
 """The inference API, the predict command and standalone evaluation, on a tiny checkpoint."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -189,6 +190,24 @@ def test_standalone_evaluate_logs_like_training(run, capsys):
   other.model.variant = "mu/16"
   with pytest.raises(ValueError, match=r"model.variant='mu/16' \(checkpoint: 'mu/8'\)"):
     evaluate.evaluate(workdir, other)
+
+
+def test_evaluate_warns_when_the_run_left_the_demo_but_its_eval_did_not(run, tmp_path, capsys):
+  """A run trained on its own shards whose config still evaluates on the demo: the evaluate
+  command says so (as training does at start-up), naming the eval and the fix."""
+  workdir = str(tmp_path / "own")
+  shutil.copytree(run[0], workdir)
+  saved = checkpoint.read_config(workdir)
+  saved.input.data = "wds:/data/shards/{000..009}.tar"
+  checkpoint.write_config(workdir, saved)
+  evaluate.evaluate(workdir, names=["zeroshot"])
+  warnings = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("Warning: ")]
+  assert len(warnings) == 1, warnings
+  assert "config.evals.zeroshot.data reads the built-in demo data" in warnings[0]
+  assert "'wds:/data/shards/{000..009}.tar'" in warnings[0]
+  evaluate.evaluate(run[0], names=["zeroshot"])  # trained on the demo: nothing to warn about
+  assert "Warning: " not in capsys.readouterr().out
 
 
 def test_command_lines_run(run, tmp_path):

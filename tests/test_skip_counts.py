@@ -5,9 +5,11 @@ data/epoch, 'were any good records lost?' has an answer."""
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
-from superclip_jax import train
+from superclip_jax import train, train_step
+from superclip_jax.data import bad_records
 from tests.test_input_pipeline import _good, _image, _write_tar
 from tests.test_main import _tiny_demo_config
 
@@ -79,9 +81,12 @@ def test_counts_are_exact_per_epoch_and_survive_a_resume(tmp_path):
   assert _skipped(one_pass) == PER_EPOCH
   assert one_pass["data/skipped"] == sum(PER_EPOCH.values())
   assert one_pass["data/records_read"] == GOOD and one_pass["data/epoch"] == 0
+  assert one_pass["data/records_read_epoch0"] == GOOD and "data/records_read_epoch1" not in one_pass
   last = records[steps]
   assert _skipped(last) == {k: 2 * n for k, n in PER_EPOCH.items()}
   assert last["data/records_read"] == 2 * GOOD and last["data/epoch"] == 1
+  # Every good record once per epoch: no good record lost, none read twice.
+  assert last["data/records_read_epoch0"] == last["data/records_read_epoch1"] == GOOD
   assert records[1]["data/records_read"] == 8 and records[1]["data/skipped"] < 8
 
   # Stopped inside the second pass and resumed: the same counts at every later step.
@@ -90,7 +95,36 @@ def test_counts_are_exact_per_epoch_and_survive_a_resume(tmp_path):
   train.train_and_evaluate(_config(data, steps), resumed)
   again = _train_records(resumed)
   for step in range(4, steps + 1):
-    for key in ("data/skipped", "data/records_read", "data/epoch"):
-      assert again[step][key] == records[step][key], (step, key)
+    for key in ("data/skipped", "data/records_read", "data/epoch", "data/records_read_epoch0",
+                "data/records_read_epoch1"):
+      assert again[step].get(key) == records[step].get(key), (step, key)
     assert _skipped(again[step]) == _skipped(records[step]), step
 
+
+
+def test_records_per_epoch_follow_each_row():
+  """The step's per-source epoch rows, and the host's per-epoch counts from them, against a
+  count of every row (a numpy reference), through batches that mix two epochs and a mixture
+  whose second source turns its epoch at another time."""
+  rng = np.random.default_rng(0)
+  counts, expected = bad_records.DataCounts(batch_size=16), {}
+  epoch = np.zeros(2, int)
+  for step in range(1, 41):
+    source = rng.integers(0, 2, 16)
+    epoch += rng.random(2) < 0.15  # a source turns its epoch now and then...
+    # ...and a shuffle buffer still hands out some rows of the epoch before.
+    rows_epoch = np.maximum(epoch[source] - (rng.random(16) < 0.3), 0)
+    for s, e in zip(source, rows_epoch):
+      expected[(int(s), int(e))] = expected.get((int(s), int(e)), 0) + 1
+    rows = np.asarray(train_step.epoch_rows(jnp.asarray(source), jnp.asarray(rows_epoch), 2))
+    counts.update([{"data_skipped": np.zeros(len(bad_records.REASONS), int),
+                    "data_epoch": rows[0, 0], "data_epoch_rows": rows}], step)
+  logged = counts.metrics()
+  for (s, e), n in expected.items():
+    key = f"data/records_read_epoch{e}" if s == 0 else f"data/source{s}/records_read_epoch{e}"
+    if e > max(k[1] for k in expected if k[0] == s) - bad_records.KEEP_EPOCHS:
+      assert logged[key] == n, key
+    else:
+      assert key not in logged, key
+  restored = bad_records.DataCounts(16, step=40, metadata=json.loads(json.dumps(counts.metadata())))
+  assert restored.metrics() == logged

@@ -28,6 +28,9 @@ REASONS = (
     "unreadable_file",    # a shard or image file could not be opened
 )
 SHARD_REASONS = ("truncated_shard", "corrupt_shard", "unreadable_file")
+# Epochs whose record counts the log carries per source: the current one, and the two before
+# (the one before can still grow while a shuffle buffer mixes it with the current one).
+KEEP_EPOCHS = 3
 
 
 def code(reason: str) -> int:
@@ -61,6 +64,9 @@ class DataCounts:
     self.skipped = {reason: int(saved.get(reason, 0)) for reason in REASONS}
     self.records_read = int(m.get("data_records_read", records_read))
     self.epoch = int(m.get("data_epoch", 0))
+    # Good records consumed per source and epoch, the last KEEP_EPOCHS epochs of each source.
+    self.per_epoch = {int(s): {int(e): int(n) for e, n in epochs.items()}
+                      for s, epochs in m.get("data_records_per_epoch", {}).items()}
     self.seen = step  # steps up to here are counted
 
   def update(self, history, step: int) -> None:
@@ -74,20 +80,41 @@ class DataCounts:
         for reason, n in zip(REASONS, metrics["data_skipped"]):
           self.skipped[reason] += int(n)
         self.epoch = max(self.epoch, int(metrics["data_epoch"]))
+      if "data_epoch_rows" in metrics:
+        for source, (newest, at_newest, rows) in enumerate(metrics["data_epoch_rows"]):
+          if rows:
+            self._add(source, int(newest), int(at_newest))
+            self._add(source, int(newest) - 1, int(rows) - int(at_newest))
     self.seen = max(self.seen, step)
+
+  def _add(self, source: int, epoch: int, n: int) -> None:
+    if n <= 0 or epoch < 0:
+      return
+    epochs = self.per_epoch.setdefault(source, {})
+    epochs[epoch] = epochs.get(epoch, 0) + n
+    for old in sorted(epochs)[:-KEEP_EPOCHS]:
+      del epochs[old]
 
   def metrics(self) -> dict[str, float]:
     """For the log: data/skipped (total), data/skipped_<reason> for the reasons seen,
-    data/records_read (good records consumed) and data/epoch (0: the first pass)."""
+    data/records_read (good records consumed), data/epoch (0: the first pass) and
+    data/records_read_epoch<E> (good records of epoch E consumed; the last KEEP_EPOCHS epochs;
+    data/source<S>/records_read_epoch<E> for the mixture's other sources): after epoch E the
+    number of good records in the data, each read once."""
     out = {"data/skipped": float(sum(self.skipped.values()))}
     out.update({f"data/skipped_{reason}": float(n) for reason, n in self.skipped.items() if n})
     out.update({"data/records_read": float(self.records_read), "data/epoch": float(self.epoch)})
+    for source, epochs in sorted(self.per_epoch.items()):
+      prefix = "data/" if source == 0 else f"data/source{source}/"
+      out.update({f"{prefix}records_read_epoch{e}": float(n) for e, n in sorted(epochs.items())})
     return out
 
   def metadata(self) -> dict:
     """What a checkpoint carries for the next run (JSON)."""
     return {"data_skipped": {reason: n for reason, n in self.skipped.items() if n},
-            "data_records_read": self.records_read, "data_epoch": self.epoch}
+            "data_records_read": self.records_read, "data_epoch": self.epoch,
+            "data_records_per_epoch": {str(s): {str(e): n for e, n in epochs.items()}
+                                       for s, epochs in self.per_epoch.items()}}
 
 
 class TooManySkipped(ValueError):
