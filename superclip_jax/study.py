@@ -37,6 +37,11 @@ SIGLIP_LOGIT_BIAS = -10.0
 SIGLIP_LOGIT_SCALE_INIT = 2.302585  # ln 10
 RESULT = "result.json"
 
+# The default study's model, when --config is left at the demo: the demo's "mu" towers (width
+# 64, 2 layers; 2.4x the demo model's pairs/s) at twice its lr, so that the whole default grid
+# fits in an hour on 2 CPU cores (docs/study.md). Fields named on the command line win.
+STUDY_CONFIG = {"model.variant": "mu/8", "lr": 2e-3}
+
 # The --quick grid (the CI smoke test): what the flags below do not set explicitly.
 QUICK = dict(batch_sizes="8,16", regimes="short,dual", seeds="0,1", samples=128, siglip_batch=8)
 # ckpt_steps=8 < the batch-8 runs' 16 steps: the smoke test resumes one from its checkpoint.
@@ -281,8 +286,12 @@ def _duration(seconds: float) -> str:
 def _base_config():
   """--config with --quick's model and evals (fields the command line names explicitly win)."""
   base = copy.deepcopy(FLAGS.config)
+  named = {a.split("=", 1)[0][len("--config."):] for a in sys.argv if a.startswith("--config.")}
+  if not FLAGS["config"].present:
+    for field, value in STUDY_CONFIG.items():
+      if field not in named:
+        _set(base, field, value)
   if FLAGS.quick:
-    named = {a.split("=", 1)[0][len("--config."):] for a in sys.argv if a.startswith("--config.")}
     for field, value in QUICK_CONFIG.items():
       if field not in named:
         _set(base, field, value)

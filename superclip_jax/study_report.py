@@ -71,8 +71,17 @@ def fmt_cell(cell) -> str:
 
 
 def fmt_diff(a, b) -> str:
-  """b − a in percentage points ('+1.4'), '–' if either is missing."""
-  return "–" if a is None or b is None else f"{100 * (b['mean'] - a['mean']):+.1f}"
+  """b − a in percentage points ('+1.4'), with the standard error of that difference where
+  both cells have several seeds ('+1.4 ± 0.6', Welch's sqrt(s_a²/n_a + s_b²/n_b)), in bold
+  when it is more than twice its standard error; '–' if either is missing."""
+  if a is None or b is None:
+    return "–"
+  diff = 100 * (b["mean"] - a["mean"])
+  if a["std"] is None or b["std"] is None:
+    return f"{diff:+.1f}"
+  se = 100 * math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+  text = f"{diff:+.1f} ± {se:.1f}"
+  return f"**{text}**" if abs(diff) > 2 * se else text
 
 
 def markdown(cells, *, modes, batch_sizes, regimes, metrics, settings, runs_expected: int,
@@ -83,7 +92,8 @@ def markdown(cells, *, modes, batch_sizes, regimes, metrics, settings, runs_expe
            f"{settings['samples']:,} samples (steps = samples / batch), lr "
            f"{settings['lr']:g}, warm-up {100 * settings['warmup_fraction']:.1f}% of the "
            "steps, cosine decay. Values: the metric × 100, mean ± sample std over seeds "
-           "(n seeds per cell in results.json); Δ = SuperCLIP − CLIP in points.", ""]
+           "(n seeds per cell in results.json); Δ = SuperCLIP − CLIP in points ± its standard "
+           "error, in bold where |Δ| is more than twice that.", ""]
   pair = [m for m in ("clip", "superclip") if m in modes]
   for metric in metrics:
     lines += [f"## {metric}", "", "| captions | batch | " +

@@ -143,16 +143,21 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
   return new, metrics
 
 
-def epoch_rows(source, epoch, num_sources: int):
-  """int [num_sources, 3]: per source, (the newest epoch among its rows in the batch, or -1;
-  how many of its rows are of that epoch; how many rows it has). The rows not of the newest
-  epoch are of the one before (a shuffle buffer mixes at most two epochs when a source holds
-  more records than the buffer): `bad_records.DataCounts` counts records per epoch from it."""
-  ids = jnp.arange(num_sources)[:, None]
-  mine = source[None, :] == ids  # [sources, batch]
+# Epochs that one batch's rows of a source may span and still be counted exactly (`epoch_rows`).
+EPOCH_BINS = 8
+
+
+def epoch_rows(source, epoch, num_sources: int, bins: int = EPOCH_BINS):
+  """int [num_sources, 1 + bins]: per source, the newest epoch among its rows in the batch (-1
+  if none), then its rows counted by epoch modulo `bins`. `bad_records.DataCounts` maps bin b
+  back to the epoch e <= newest with e = b (mod bins): exact while a batch's rows of a source
+  lie within `bins` epochs of each other (a shuffle buffer mixes two; processes with unequal
+  shares of the shards can be a few passes apart)."""
+  mine = source[None, :] == jnp.arange(num_sources)[:, None]  # [sources, batch]
   newest = jnp.max(jnp.where(mine, epoch[None, :], -1), axis=1)
-  at_newest = jnp.sum(mine & (epoch[None, :] == newest[:, None]), axis=1)
-  return jnp.stack([newest, at_newest, jnp.sum(mine, axis=1)], axis=1).astype(jnp.int32)
+  in_bin = (epoch[None, :] % bins) == jnp.arange(bins)[:, None]  # [bins, batch]
+  counts = jnp.sum(mine[:, None, :] & in_bin[None, :, :], axis=2)  # [sources, bins]
+  return jnp.concatenate([newest[:, None], counts], axis=1).astype(jnp.int32)
 
 
 def make_train_step(config, model, tx, schedule, mesh=None):

@@ -104,16 +104,17 @@ def test_counts_are_exact_per_epoch_and_survive_a_resume(tmp_path):
 
 def test_records_per_epoch_follow_each_row():
   """The step's per-source epoch rows, and the host's per-epoch counts from them, against a
-  count of every row (a numpy reference), through batches that mix two epochs and a mixture
-  whose second source turns its epoch at another time."""
+  count of every row (a numpy reference), through batches that mix several epochs (a shuffle
+  buffer, processes a few passes apart) and a mixture whose sources turn their epochs at
+  other times."""
   rng = np.random.default_rng(0)
   counts, expected = bad_records.DataCounts(batch_size=16), {}
   epoch = np.zeros(2, int)
-  for step in range(1, 41):
+  for step in range(1, 61):
     source = rng.integers(0, 2, 16)
-    epoch += rng.random(2) < 0.15  # a source turns its epoch now and then...
-    # ...and a shuffle buffer still hands out some rows of the epoch before.
-    rows_epoch = np.maximum(epoch[source] - (rng.random(16) < 0.3), 0)
+    epoch += rng.random(2) < 0.3  # a source turns its epoch now and then...
+    # ...and other rows of the batch are still from earlier ones (at most 7 back: 8 bins).
+    rows_epoch = np.maximum(epoch[source] - rng.integers(0, 8, 16) * (rng.random(16) < 0.3), 0)
     for s, e in zip(source, rows_epoch):
       expected[(int(s), int(e))] = expected.get((int(s), int(e)), 0) + 1
     rows = np.asarray(train_step.epoch_rows(jnp.asarray(source), jnp.asarray(rows_epoch), 2))

@@ -210,7 +210,10 @@ def test_quick_study_report_skip_and_resume(tmp_path):
         clip = values("softmax", "clip", "short", b, metric)
         sup = values("softmax", "superclip", regime, b, metric)
         diff = 100 * (statistics.mean(sup) - statistics.mean(clip))
-        assert f"| {regime} | {b} | {_fmt(clip)} | {_fmt(sup)} | {diff:+.1f} |" in md
+        se = 100 * (statistics.variance(sup) / 2 + statistics.variance(clip) / 2) ** 0.5
+        delta = f"{diff:+.1f} ± {se:.1f}"
+        delta = f"**{delta}**" if abs(diff) > 2 * se else delta
+        assert f"| {regime} | {b} | {_fmt(clip)} | {_fmt(sup)} | {delta} |" in md
 
   # The figures: valid PNGs, embedded in study.md.
   from PIL import Image

@@ -28,8 +28,8 @@ REASONS = (
     "unreadable_file",    # a shard or image file could not be opened
 )
 SHARD_REASONS = ("truncated_shard", "corrupt_shard", "unreadable_file")
-# Epochs whose record counts the log carries per source: the current one, and the two before
-# (the one before can still grow while a shuffle buffer mixes it with the current one).
+# Epochs whose record counts the log carries per source: the newest one, and the two before
+# (which can still grow while a shuffle buffer, or another process, is behind).
 KEEP_EPOCHS = 3
 
 
@@ -80,11 +80,10 @@ class DataCounts:
         for reason, n in zip(REASONS, metrics["data_skipped"]):
           self.skipped[reason] += int(n)
         self.epoch = max(self.epoch, int(metrics["data_epoch"]))
-      if "data_epoch_rows" in metrics:
-        for source, (newest, at_newest, rows) in enumerate(metrics["data_epoch_rows"]):
-          if rows:
-            self._add(source, int(newest), int(at_newest))
-            self._add(source, int(newest) - 1, int(rows) - int(at_newest))
+      if "data_epoch_rows" in metrics:  # per source: newest epoch, rows by epoch % bins
+        for source, (newest, *bins) in enumerate(metrics["data_epoch_rows"]):
+          for b, n in enumerate(bins):
+            self._add(source, int(newest) - (int(newest) - b) % len(bins), int(n))
     self.seen = max(self.seen, step)
 
   def _add(self, source: int, epoch: int, n: int) -> None:
