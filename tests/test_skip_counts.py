@@ -129,3 +129,12 @@ def test_records_per_epoch_follow_each_row():
       assert key not in logged, key
   restored = bad_records.DataCounts(16, step=40, metadata=json.loads(json.dumps(counts.metadata())))
   assert restored.metrics() == logged
+  # A checkpoint from before per-pass counts, resumed mid-pass: the pass it resumed in is not
+  # logged (its count would start at 0 and read as lost records); the next one is, in full.
+  old = bad_records.DataCounts(16, step=10, metadata={"data_records_read": 160, "data_epoch": 2})
+  rows = np.asarray(train_step.epoch_rows(jnp.asarray([0] * 16), jnp.asarray([2] * 6 + [3] * 10),
+                                          1))
+  old.update([{"data_skipped": np.zeros(len(bad_records.REASONS), int), "data_epoch": 3,
+               "data_epoch_rows": rows}], 11)
+  assert old.metrics()["data/records_read_epoch3"] == 10
+  assert "data/records_read_epoch2" not in old.metrics()

@@ -67,6 +67,9 @@ class DataCounts:
     # Good records consumed per source and epoch, the last KEEP_EPOCHS epochs of each source.
     self.per_epoch = {int(s): {int(e): int(n) for e, n in epochs.items()}
                       for s, epochs in m.get("data_records_per_epoch", {}).items()}
+    # A checkpoint from before per-pass counts, resumed mid-pass: that pass's count would
+    # start at 0 and read as lost records, so epochs up to the first one met are not logged.
+    self._partial = {} if step and "data_records_per_epoch" not in m else None
     self.seen = step  # steps up to here are counted
 
   def update(self, history, step: int) -> None:
@@ -89,6 +92,8 @@ class DataCounts:
   def _add(self, source: int, epoch: int, n: int) -> None:
     if n <= 0 or epoch < 0:
       return
+    if self._partial is not None:
+      self._partial.setdefault(source, epoch)
     epochs = self.per_epoch.setdefault(source, {})
     epochs[epoch] = epochs.get(epoch, 0) + n
     for old in sorted(epochs)[:-KEEP_EPOCHS]:
@@ -105,14 +110,17 @@ class DataCounts:
     out.update({"data/records_read": float(self.records_read), "data/epoch": float(self.epoch)})
     for source, epochs in sorted(self.per_epoch.items()):
       prefix = "data/" if source == 0 else f"data/source{source}/"
-      out.update({f"{prefix}records_read_epoch{e}": float(n) for e, n in sorted(epochs.items())})
+      partial = -1 if self._partial is None else self._partial.get(source, -1)
+      out.update({f"{prefix}records_read_epoch{e}": float(n) for e, n in sorted(epochs.items())
+                  if e > partial})
     return out
 
   def metadata(self) -> dict:
     """What a checkpoint carries for the next run (JSON)."""
     return {"data_skipped": {reason: n for reason, n in self.skipped.items() if n},
             "data_records_read": self.records_read, "data_epoch": self.epoch,
-            "data_records_per_epoch": {str(s): {str(e): n for e, n in epochs.items()}
+            "data_records_per_epoch": {str(s): {str(e): n for e, n in epochs.items()
+                                                if e > (self._partial or {}).get(s, -1)}
                                        for s, epochs in self.per_epoch.items()}}
 
 

@@ -35,7 +35,8 @@ def loss_gradients(config, params, idf, batches, seed: int = 0) -> dict[str, dic
   if not (model.has_text and model.has_head):
     raise ValueError(f"config.model.mode={config.model.mode!r}: both losses are needed "
                      "(mode='superclip')")
-  loss = train_step.StepLoss(model, config.loss.contrastive, config.loss.class_weight)
+  loss = train_step.StepLoss(model, config.loss.contrastive, config.loss.class_weight,
+                             frozen=tuple(config.get("frozen", ())))  # LiT: as training
 
   @jax.jit
   def grads(params, idf, batch):
@@ -66,7 +67,7 @@ def loss_gradients(config, params, idf, batches, seed: int = 0) -> dict[str, dic
     h = _flat(total_h.get(group)) / n
     nc, nh = float(np.linalg.norm(c)), float(np.linalg.norm(h))
     out[group] = {"contrastive_norm": nc, "class_norm": nh,
-                  "ratio": nh / nc if nc else float("inf") if nh else 0.0,
+                  "ratio": nh / nc if nc else None,  # None: no contrastive gradient
                   "cosine": float(c @ h / (nc * nh)) if nc and nh else 0.0}
   return out
 
@@ -94,7 +95,7 @@ def table(result: dict) -> str:
            "| cosine |", "|---|---|---|---|---|"]
   for group, r in result.items():
     lines.append(f"| {group} | {r['contrastive_norm']:.4g} | {r['class_norm']:.4g} | "
-                 f"{r['ratio']:.3g} | {r['cosine']:+.3f} |")
+                 f"{'–' if r['ratio'] is None else format(r['ratio'], '.3g')} | {r['cosine']:+.3f} |")
   return "\n".join(lines)
 
 
