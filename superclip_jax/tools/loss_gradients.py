@@ -19,7 +19,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 # Parameter groups printed first: the image tower (what both losses share), the text tower
 # (contrastive only) and the head (class loss only); then any other top-level parameters.
@@ -91,11 +91,12 @@ def training_batches(config, count: int):
 
 
 def table(result: dict) -> str:
-  lines = ["| parameters | contrastive grad norm | class grad norm (× weight) | class / contrastive "
-           "| cosine |", "|---|---|---|---|---|"]
+  lines = ["| parameters | contrastive grad norm | class grad norm (× weight) "
+           "| class / contrastive | cosine |", "|---|---|---|---|---|"]
   for group, r in result.items():
+    ratio = "–" if r["ratio"] is None else format(r["ratio"], ".3g")
     lines.append(f"| {group} | {r['contrastive_norm']:.4g} | {r['class_norm']:.4g} | "
-                 f"{'–' if r['ratio'] is None else format(r['ratio'], '.3g')} | {r['cosine']:+.3f} |")
+                 f"{ratio} | {r['cosine']:+.3f} |")
   return "\n".join(lines)
 
 
@@ -103,6 +104,8 @@ def main(argv):
   del argv
   from superclip_jax import checkpoint, sharding, train_state
   FLAGS = flags.FLAGS
+  if not FLAGS["verbosity"].present:  # orbax is chatty at INFO
+    logging.set_verbosity(logging.WARNING)
   if bool(FLAGS.workdir) == bool(FLAGS.config):
     raise app.UsageError("give --workdir (a run's checkpoint) or --config (initialisation)")
   if FLAGS.workdir and FLAGS.step != 0:
