@@ -201,10 +201,14 @@ def run_script(a) -> str:
                         f"--workdir={a.workdir}", *a.trainer_args])
   return "; ".join([
       f"cd ~/{REMOTE_DIR} || exit 1", "mkdir -p logs", 'log="$PWD/logs/$(hostname).log"',
+      # The terminal is shown this run's part of the log, from the byte it starts at, whenever
+      # `tail` gets to open it: the trainer starts (and may write) first, and a log from an
+      # earlier run on this worker stays above it.
+      ': >>"$log"', 'offset=$(($(wc -c <"$log") + 1))',
       f"upload() {{ {upload}; }}",
       f"(while sleep {a.log_sync_seconds}; do upload; done) & uploader=$!",
       f'setsid nohup {trainer} >>"$log" 2>&1 </dev/null & trainer=$!',
-      'tail -n 0 -f --pid="$trainer" "$log" & wait "$trainer"', "rc=$?",
+      'tail -c "+$offset" -f --pid="$trainer" "$log" & wait "$trainer"', "rc=$?",
       'kill "$uploader"', "upload", 'echo "superclip_jax.main exited $rc on $(hostname)"',
       'exit "$rc"'])
 

@@ -149,9 +149,14 @@ def test_worker_script_runs_the_trainer_and_keeps_its_log(tmp_path):
              "--log-sync-seconds=1", "--", DATA).stdout
   script = _flag(_commands(out)[0], "--command")
   env = dict(os.environ, HOME=str(home), STUB_DIR=str(tmp_path), STUB_EXIT="3")
+  # A log from an earlier run on this worker: kept, and not echoed again.
+  (home / "superclip_jax_launch" / "logs").mkdir()
+  host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+  (home / "superclip_jax_launch" / "logs" / f"{host}.log").write_text("step 7 | earlier run\n")
   r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
   assert r.returncode == 3, r.stderr  # the trainer's exit status
-  assert "step 1 | loss 2.5" in r.stdout  # echoed to the launching terminal
+  assert "step 1 | loss 2.5" in r.stdout  # echoed to the launching terminal, from its start
+  assert "earlier run" not in r.stdout and "tail:" not in r.stderr, (r.stdout, r.stderr)
   [log] = os.listdir(workdir / "logs")  # HOST.log, copied to the shared workdir
   text = (workdir / "logs" / log).read_text()
   assert f"args: -m superclip_jax.main --config=configs/b16.py --workdir={workdir} {DATA}" in text
