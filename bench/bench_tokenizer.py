@@ -95,6 +95,54 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
   return captions
 
 
+# The hard corpus (--corpus=hard): what web captions hold beside plain alt text, by kind and
+# share. "long" are 5-40 captions joined into one text, a third of them one per line (up to
+# ~2,500 characters, Recap-style descriptions); "mojibake" are UTF-8 read as Windows-1252 (what
+# ftfy exists to repair: both tokenizers must run ftfy's decoder on these).
+HARD_KINDS = (("plain", 0.35), ("long", 0.15), ("non-ASCII", 0.20), ("emoji", 0.15),
+              ("entities", 0.12), ("mojibake", 0.03))
+_EMOJI = ["🙂", "🐶", "❤️", "🍕", "😂", "👍", "🔥", "✨", "👇🏽", "🇫🇷", "👨‍👩‍👧"]
+_MOJIBAKE = ["cafÃ©", "Ã¼ber", "donâ€™t", "â€œniceâ€\x9d", "naÃ¯ve", "piÃ±ata", "Â£5"]
+
+
+def make_hard_captions(n: int, seed: int = 0) -> list[tuple[str, str]]:
+  """`n` (kind, caption) pairs of the kinds in `HARD_KINDS`, in their shares."""
+  rng = random.Random(seed)
+  plain = make_captions(n, seed + 1)
+  kinds, weights = zip(*HARD_KINDS)
+  out = []
+  for i in range(n):
+    kind = rng.choices(kinds, weights)[0]
+    words = plain[i].split(" ")
+    if kind == "long":
+      sentences = [plain[rng.randrange(n)] + rng.choice(".!?;") for _ in range(rng.randint(5, 40))]
+      text = ("\n" if rng.random() < 1 / 3 else " ").join(sentences)
+    elif kind in ("non-ASCII", "entities"):
+      extra = _UNICODE if kind == "non-ASCII" else _ENTITIES + ["&lt;b&gt;", "&#8217;", "&eacute;"]
+      for _ in range(rng.randint(1, 4)):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(extra))
+      text = " ".join(words)
+    elif kind == "emoji":
+      text = " ".join(words) + " " + "".join(rng.choice(_EMOJI) for _ in range(rng.randint(1, 6)))
+    elif kind == "mojibake":
+      words.insert(rng.randrange(len(words) + 1), rng.choice(_MOJIBAKE))
+      text = " ".join(words)
+    else:
+      text = plain[i]
+    out.append((kind, text))
+  return out
+
+
+def public_runners(captions, batch):
+  """`tokenize` as users call it and OpenCLIP's tokenizer, on the same batches, no tf.data."""
+  import open_clip
+  from superclip_jax import tokenizer
+  oc = open_clip.get_tokenizer("ViT-B-16")
+  batches = [captions[i:i + batch] for i in range(0, len(captions), batch)]
+  return (lambda: np.concatenate([tokenizer.tokenize(b) for b in batches]),
+          lambda: np.concatenate([oc(b).numpy() for b in batches]), oc)
+
+
 def openclip_runner(captions, batch):
   import open_clip
   oc = open_clip.get_tokenizer("ViT-B-16")
@@ -137,25 +185,46 @@ def main():
   parser.add_argument("--captions", type=int, default=None)
   parser.add_argument("--runs", type=int, default=None)
   parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--corpus", choices=("alt", "hard"), default="alt",
+                      help="alt: alt-text-like captions; hard: HARD_KINDS (long, emoji, ...)")
+  parser.add_argument("--path", choices=("tfdata", "public"), default="tfdata",
+                      help="ours inside tf.data (tf_tokenize), or tokenizer.tokenize as called "
+                           "from Python, timed alternately with OpenCLIP's, run by run")
   args = parser.parse_args()
   n = args.captions or (4000 if args.quick else 20000)
   runs = args.runs or (3 if args.quick else 5)
-  captions = make_captions(n)
-  print(f"{n} captions ({len(set(captions))} distinct, "
+  kinds = make_hard_captions(n) if args.corpus == "hard" else [("alt", c) for c in make_captions(n)]
+  captions = [c for _, c in kinds]
+  print(f"{args.corpus} corpus: {n} captions ({len(set(captions))} distinct, "
         f"{sum(not c.isascii() for c in captions)} non-ASCII, "
-        f"{sum('&' in c for c in captions)} with '&'), batch {args.batch}, {runs} runs")
+        f"{sum('&' in c for c in captions)} with '&', {sum(map(len, captions)) / n:.0f} "
+        f"characters on average), batch {args.batch}, {runs} runs, path {args.path}")
 
   # open_clip (torchvision) before TensorFlow: importing torchvision after TF segfaults.
   import open_clip  # noqa: F401
-  import tensorflow as tf  # noqa: F401  (import cost outside the timings)
   from superclip_jax import tokenizer
-  ours_run = ours_runner(captions, args.batch)
-  ours_run()  # builds the tf.data graph and reads the vocabulary
-  ours = measure(ours_run, lambda: tokenizer.get_tokenizer()._reset_word_cache(), runs)
 
-  oc, oc_run = openclip_runner(captions, args.batch)
-  theirs = measure(oc_run, lambda: oc.cache.clear() or oc.cache.update(
-      {t: t for t in ("<start_of_text>", "<end_of_text>")}), runs)
+  def reset_ours():
+    tokenizer.get_tokenizer()._reset_word_cache()
+
+  def reset_theirs():
+    oc.cache.clear()
+    oc.cache.update({t: t for t in ("<start_of_text>", "<end_of_text>")})
+
+  if args.path == "public":
+    ours_run, oc_run, oc = public_runners(captions, args.batch)
+    ours_run()
+    ours, theirs = [], []
+    for r in range(runs):  # alternately, so both see the same machine state
+      ours += measure(ours_run, reset_ours, 1) if r == 0 else measure(ours_run, int, 1)
+      theirs += measure(oc_run, reset_theirs, 1) if r == 0 else measure(oc_run, int, 1)
+  else:
+    import tensorflow as tf  # noqa: F401  (import cost outside the timings)
+    ours_run = ours_runner(captions, args.batch)
+    ours_run()  # builds the tf.data graph and reads the vocabulary
+    ours = measure(ours_run, reset_ours, runs)
+    oc, oc_run = openclip_runner(captions, args.batch)
+    theirs = measure(oc_run, reset_theirs, runs)
 
   if not np.array_equal(ours[-1][2], theirs[-1][2]):
     raise SystemExit("MISMATCH: our ids differ from OpenCLIP's")
@@ -167,11 +236,27 @@ def main():
 
   o_cold, o_cpu, o_wall = rates(ours)
   t_cold, t_cpu, t_wall = rates(theirs)
+  name = "ours (tf.data, tf_tokenize)" if args.path == "tfdata" else "ours (tokenize)"
   print(f"{'':32s}{'cold/CPU-s':>12s}{'warm/CPU-s':>12s}{'warm/wall-s':>12s}")
-  print(f"{'ours (tf.data, tf_tokenize)':32s}{o_cold:12,.0f}{o_cpu:12,.0f}{o_wall:12,.0f}")
+  print(f"{name:32s}{o_cold:12,.0f}{o_cpu:12,.0f}{o_wall:12,.0f}")
   print(f"{'OpenCLIP SimpleTokenizer':32s}{t_cold:12,.0f}{t_cpu:12,.0f}{t_wall:12,.0f}")
+  ratios = (sorted(t[0] / o[0] for o, t in zip(ours[1:], theirs[1:]))
+            if args.path == "public" else [])
+  spread = f", run by run {ratios[0]:.1f}-{ratios[-1]:.1f}x" if ratios else ""
   print(f"ratio (captions per CPU-second, warm median): {o_cpu / t_cpu:.1f}x "
-        f"(cold: {o_cold / t_cold:.1f}x)")
+        f"(cold: {o_cold / t_cold:.1f}x{spread})")
+  if args.corpus == "hard":  # where the time goes, kind by kind (warm caches, public path)
+    from superclip_jax import tokenizer as T
+    print("\n| kind | share | ours captions/CPU-s | OpenCLIP | ratio | share of our time |")
+    print("|---|---|---|---|---|---|")
+    total = ours[-1][0]
+    for kind, _ in HARD_KINDS:
+      sub = [c for k, c in kinds if k == kind]
+      mine = statistics.median(measure(lambda: T.tokenize(sub), int, 3)[i][0] for i in range(3))
+      theirs_k = statistics.median(measure(lambda: oc(sub).numpy(), int, 3)[i][0]
+                                   for i in range(3))
+      print(f"| {kind} | {len(sub) / n:.0%} | {len(sub) / mine:,.0f} | {len(sub) / theirs_k:,.0f}"
+            f" | {theirs_k / mine:.1f}x | {mine / total:.0%} |")
 
 
 if __name__ == "__main__":

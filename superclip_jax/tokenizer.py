@@ -16,9 +16,9 @@ Why it is fast, and why each shortcut is exact (tests/test_tokenizer.py checks e
     skips ftfy and unescaping: ftfy's only possible edit there is '\r' -> '\n', which the
     whitespace collapse erases anyway (no '&' -> no HTML entity; no ESC or other control
     character to drop; nothing non-ASCII to re-decode, uncurl, narrow or normalise).
-  - Other single-line text runs only the parts of ftfy that can act on it (`_fix_text`): its
-    HTML unescaping, its mojibake detector, quote straightening, an NFC check. Real mojibake,
-    C0/C1 controls, ligatures, full-width forms and multi-line text get ftfy itself.
+  - Other text runs only the parts of ftfy that can act on it (`_fix_text`), line by line as
+    ftfy works: its HTML unescaping, its mojibake detector, quote straightening, an NFC check.
+    Only lines with real mojibake, C0/C1 controls, ligatures or full-width forms get ftfy.
   - Split: lower-case ASCII text uses a stdlib `re` pattern whose classes are the ASCII parts
     of OpenCLIP's; everything else uses OpenCLIP's own `regex` pattern, IGNORECASE included.
   - BPE: HF `tokenizers`' Rust BPE model, called once per distinct pre-token and memoised in a
@@ -108,8 +108,31 @@ _FTFY_SEGMENT_CHARS = ftfy.TextFixerConfig().max_decode_length
 _CURLY_QUOTE = re.compile(
     f"{ftfy.chardata.SINGLE_QUOTE_RE.pattern}|{ftfy.chardata.DOUBLE_QUOTE_RE.pattern}")
 
+# ftfy's mojibake detector (`ftfy.badness.is_bad`: does BADNESS_RE match anywhere?) scans the
+# whole text with a 4 kB alternation, ~25 ns a character. Every match is at most
+# `_BADNESS_MAX_CHARS` long and holds a non-ASCII character (tests/test_tokenizer.py checks both
+# on the pattern itself), so only the windows around non-ASCII runs need scanning: `_is_bad`.
+_BADNESS_MAX_CHARS = 7
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+
+
+def _is_bad(text: str) -> bool:
+  """`ftfy.badness.is_bad(text)`, scanning only where a match can be.
+
+  `search(text, pos, endpos)` sees text[pos:endpos] with its real start: the pattern's one
+  anchor (`^`, the start of the text) still matches only at index 0.
+  """
+  if text.isascii():
+    return False
+  search, reach = ftfy.badness.BADNESS_RE.search, _BADNESS_MAX_CHARS - 1
+  for run in _NON_ASCII_RUN.finditer(text):
+    if search(text, max(0, run.start() - reach), run.end() + reach) is not None:
+      return True
+  return False
+
+
 # Texts longer than this are cleaned and split only up to a safe cut (`_head_words`).
-_LONG_TEXT_CHARS = 2048
+_LONG_TEXT_CHARS = 512
 # Longer pre-tokens are rare and rarely repeat: BPE them directly, do not memoise.
 _MAX_CACHED_WORD_CHARS = 48
 
@@ -117,27 +140,58 @@ _MAX_CACHED_WORD_CHARS = 48
 def _fix_text(text: str) -> str:
   """`ftfy.fix_text(text)`, computed without most of ftfy where the answer is provably known.
 
-  On one line, ftfy repeats these steps until a round changes nothing: its own HTML unescaping
-  (off for text containing '<'), mojibake repair (only where ftfy's `is_bad` finds mojibake),
-  per-character fixers (the characters in `_FTFY_TOUCHED`, and curly quotes), NFC. So if the
-  unescaped line has no entity left, no character in `_FTFY_TOUCHED`, is not `is_bad` and is NFC
-  once its curly quotes are straightened (which adds only ' and ", untouched by every step and
-  never part of an entity), the next round changes nothing and that is the answer. Otherwise,
-  and for text with line breaks, ftfy itself runs.
+  ftfy fixes a text in segments, each a line with its '\\n' (or `_FTFY_SEGMENT_CHARS` of a
+  longer line), one after another: a segment depends only on itself and on whether it or an
+  earlier one held a '<' (from then on, ftfy's HTML unescaping is off). So the text is fixed
+  here segment by segment (`_fix_segment`) with that flag carried along, as ftfy does.
   """
-  if "\n" in text or len(text) >= _FTFY_SEGMENT_CHARS:
-    return ftfy.fix_text(text)
-  fixed = text
-  if "&" in text and "<" not in text:
-    fixed = ftfy.fixes.unescape_html(text)
-  if (_FTFY_TOUCHED.search(fixed) or ftfy.chardata.HTML_ENTITY_RE.search(fixed)
-      or ftfy.badness.is_bad(fixed)):
-    return ftfy.fix_text(text)
-  if _CURLY_QUOTE.search(fixed) is not None:
-    fixed = ftfy.fixes.uncurl_quotes(fixed)
-    if ftfy.badness.is_bad(fixed):
-      return ftfy.fix_text(text)
-  return fixed if unicodedata.is_normalized("NFC", fixed) else ftfy.fix_text(text)
+  if "\n" not in text and len(text) < _FTFY_SEGMENT_CHARS:
+    return _fix_segment(text, "<" not in text)
+  out, pos, unescape = [], 0, True
+  while pos < len(text):
+    end = text.find("\n", pos) + 1 or len(text)
+    if end - pos > _FTFY_SEGMENT_CHARS:
+      return ftfy.fix_text(text)  # a line of a million characters: ftfy's own cutting
+    segment = text[pos:end]
+    unescape = unescape and "<" not in segment
+    out.append(_fix_segment(segment, unescape))
+    pos = end
+  return "".join(out)
+
+
+def _fix_segment(segment: str, unescape: bool) -> str:
+  """ftfy's fix of one segment (no '\\n' but maybe a last one), HTML unescaping on or off.
+
+  ftfy repeats rounds of these steps until one changes nothing: HTML unescaping (if on),
+  mojibake repair (which acts only where ftfy's `is_bad` finds mojibake), the per-character
+  fixers (which act only on the characters in `_FTFY_TOUCHED`, and curly quotes), NFC. A round
+  is followed here as long as it provably needs none of the rest: after unescaping, no
+  character in `_FTFY_TOUCHED` and not `is_bad` (so the repair and the fixers but quote
+  straightening do nothing), NFC once quotes are straightened (which adds only ' and ", never
+  touched by any step). The first round that changes nothing gives the answer; a round that
+  needs more of ftfy hands the segment to ftfy.
+  """
+  text = segment
+  while True:
+    fixed = ftfy.fixes.unescape_html(text) if unescape and "&" in text else text
+    if _FTFY_TOUCHED.search(fixed) is not None or _is_bad(fixed):
+      return _ftfy_segment(segment, unescape)
+    if _CURLY_QUOTE.search(fixed) is not None:
+      fixed = ftfy.fixes.uncurl_quotes(fixed)
+    if not unicodedata.is_normalized("NFC", fixed):
+      return _ftfy_segment(segment, unescape)
+    if fixed == text:
+      return fixed
+    text = fixed
+
+
+def _ftfy_segment(segment: str, unescape: bool) -> str:
+  return ftfy.fix_and_explain(segment, _FTFY_CONFIGS[unescape])[0]
+
+
+# ftfy.fix_text's configuration, and the one it switches to after a segment with a '<'.
+_FTFY_CONFIGS = {True: ftfy.TextFixerConfig(explain=False),
+                 False: ftfy.TextFixerConfig(explain=False, unescape_html=False)}
 
 
 def clean_text(text: str) -> str:
@@ -168,16 +222,26 @@ def as_text(value) -> str:
                   f"{value!r:.80}")
 
 
-def _first_words(cleaned: str, n_words: int) -> tuple[list[str], int]:
-  """The first `n_words` pre-tokens of a cleaned text and where the last of them ends."""
+def _first_words(cleaned: str, n_words: int, whole: bool = True) -> list[str] | None:
+  """The first `n_words` pre-tokens of a cleaned text (all, if fewer), split from a head.
+
+  The split of a head `cleaned[:k]` agrees with the whole's on every pre-token that ends at
+  least `_SPLIT_LOOKAHEAD` characters before the head does (see `_head_words`). Pre-tokens are
+  disjoint and non-empty, so when the head gives `n_words + _SPLIT_LOOKAHEAD` of them, its
+  first `n_words` end early enough. `whole=False`: `cleaned` is itself only a head of the
+  text's cleaned form; None when it does not hold enough pre-tokens to be sure.
+  """
   pattern = _SPLIT_ASCII if cleaned.isascii() else SPLIT_PATTERN
-  words, end = [], 0
-  for match in pattern.finditer(cleaned):
-    words.append(match.group())
-    end = match.end()
-    if len(words) == n_words:
-      break
-  return words, end
+  size = 8 * (n_words + _SPLIT_LOOKAHEAD)
+  while size < len(cleaned):
+    words = pattern.findall(cleaned[:size])
+    if len(words) >= n_words + _SPLIT_LOOKAHEAD:
+      return words[:n_words]
+    size *= 2
+  words = pattern.findall(cleaned)
+  if whole or len(words) >= n_words + _SPLIT_LOOKAHEAD:
+    return words[:n_words]
+  return None
 
 
 def _head_words(text: str, n_words: int) -> list[str]:
@@ -209,17 +273,17 @@ def _head_words(text: str, n_words: int) -> list[str]:
       cut = size
     head = text[:cut]
     if _NON_PLAIN.search(head) is not None:
-      head = ftfy.fix_text(head)
+      head = _fix_text(head)
       if not head.endswith("\n"):
         size = 2 * cut
         continue
       head = html.unescape(html.unescape(head))
     head = " ".join(head.split()).lower()
-    words, end = _first_words(head, n_words)
-    if len(words) == n_words and end + _SPLIT_LOOKAHEAD <= len(head):
+    words = _first_words(head, n_words, whole=False)
+    if words is not None:
       return words
     size = 2 * cut
-  return _first_words(clean_text(text), n_words)[0]
+  return _first_words(clean_text(text), n_words)
 
 
 def _pre_tokens(text: str, max_words: int | None = None) -> list[str]:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import pathlib
 import random
+import re
 import sys
 import time
 
@@ -124,7 +125,7 @@ def test_matches_openclip_live():
 
   texts = ([t for t, _ in fixture_cases()] + maker.random_texts(3000, seed=11)
            + maker.random_texts(300, seed=12, max_pieces=200)
-           + maker.caption_like_texts(500, seed=13))
+           + maker.caption_like_texts(500, seed=13) + maker.hard_captions(3000, seed=16))
   np.testing.assert_array_equal(T.tokenize(texts), oc(texts).numpy())
   short = texts[:200] + maker.random_texts(200, seed=14, max_pieces=60)
   for context_length in (1, 2, 3, 4, 16):
@@ -184,15 +185,65 @@ def test_ftfy_touched_set_matches_the_fixers():
 
 
 def test_fix_text_shortcut_equals_ftfy(monkeypatch):
-  texts = (maker.random_texts(6000, seed=41) + maker.caption_like_texts(1000, seed=42)
-           + [t for t, _ in fixture_cases() if len(t) < 5000])
+  rng = random.Random(44)
+  # Multi-line: ftfy fixes line by line, and a '<' turns its HTML unescaping off for the rest.
+  lines = maker.random_texts(600, seed=43, max_pieces=10) + ["a <b> c", "x &amp;amp; y", "Ã©"]
+  multi = ["\n".join(rng.choice(lines) for _ in range(rng.randint(2, 8))) for _ in range(1500)]
+  texts = (maker.random_texts(6000, seed=41) + maker.random_texts(1000, seed=45, max_pieces=60)
+           + maker.caption_like_texts(1000, seed=42) + maker.hard_captions(1000, seed=46)
+           + multi + [t for t, _ in fixture_cases() if len(t) < 5000])
   for text in texts:
     assert T._fix_text(text) == ftfy.fix_text(text), repr(text)
-  # The shortcut is really taken for ordinary non-ASCII captions: ftfy is never called.
+  # The shortcut is really taken for ordinary non-ASCII captions, line by line, through double
+  # escaping and after a '<': ftfy is never called.
   monkeypatch.setattr(ftfy, "fix_text", None)
+  monkeypatch.setattr(ftfy, "fix_and_explain", None)
   for text in ["café crème", "it’s “quoted” ‘here’", "東京タワー 😀", "naïve — résumé …",
-               "Привет, мир", "AT&T", "½ °C ©"]:
+               "Привет, мир", "AT&T", "½ °C ©", "fish &amp;amp; chips", "line one\nline “two”",
+               "a <b> tag\n&amp;lt; kept &eacute;", "x\n" * 50 + "déjà vu " * 300]:
     T._fix_text(text)
+
+
+def test_is_bad_scans_only_near_non_ascii():
+  """`_is_bad` equals ftfy's `is_bad`; the pattern facts it relies on hold."""
+  import re._parser as sre_parse  # noqa: PLC0415 (CPython's own regex parser, 3.11 and 3.12)
+  pattern = ftfy.badness.BADNESS_RE
+  tree = sre_parse.parse(pattern.pattern, pattern.flags)
+  assert tree.getwidth()[1] == T._BADNESS_MAX_CHARS
+  assert not pattern.flags & (re.MULTILINE | re.DOTALL)
+
+  def chars(op, av):  # the characters one element can match; None: some ASCII can match
+    if str(op) == "LITERAL":
+      return {av} if av >= 0x80 else None
+    if str(op) == "IN":
+      out = set()
+      for sub_op, sub_av in av:
+        if str(sub_op) == "LITERAL" and sub_av >= 0x80:
+          out.add(sub_av)
+        elif str(sub_op) == "RANGE" and sub_av[0] >= 0x80:
+          out.update(range(sub_av[0], sub_av[1] + 1))
+        else:
+          return None
+      return out
+    return None
+
+  (branch_op, (_, branches)), = tree.data
+  assert str(branch_op) == "BRANCH"
+  for branch in branches:  # every match holds a character that only non-ASCII can be
+    assert any(chars(op, av) for op, av in branch.data), branch.data
+    for op, av in branch.data:  # the only anchor is the text's start (checked below)
+      assert str(op) != "AT" or str(av) == "AT_BEGINNING", branch.data
+      assert str(op) not in ("ASSERT", "ASSERT_NOT", "GROUPREF"), branch.data
+  assert pattern.search("xÃ ", 1) is None and pattern.search("Ã ") is not None
+
+  rng = random.Random(47)
+  bad = ["Ã©", "â€™", "Ã ", "Â ", "Ã¨", "Ã¶", "Ñ€", "â€œ", "Ãƒ", "ГўВЂВ", "Œx", "a Ã "]
+  texts = [t for t, _ in fixture_cases() if len(t) < 5000] + maker.hard_captions(2000, seed=48)
+  texts += ["".join(rng.choice(bad + [" ", "a", "é", "\n", "x" * 9, "日本", "😀"])
+                    for _ in range(rng.randint(0, 12))) for _ in range(4000)]
+  mismatched = [t for t in texts if T._is_bad(t) != ftfy.badness.is_bad(t)]
+  assert not mismatched, mismatched[:5]
+  assert sum(map(ftfy.badness.is_bad, texts)) > 1000  # both answers are well represented
 
 
 def test_ascii_split_equals_openclip_split():
@@ -340,3 +391,18 @@ def test_threads_and_a_tiny_word_cache_give_the_same_ids():
     results = list(pool.map(tiny, chunks))
   for i, result in enumerate(results):
     np.testing.assert_array_equal(result, expected[i::4])
+
+
+def test_bench_public_path_on_hard_text_runs():
+  """The benchmark's public-path mode runs, checks ids against OpenCLIP, and reports each kind."""
+  pytest.importorskip("open_clip")
+  import subprocess  # noqa: PLC0415
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(
+      [sys.executable, str(root / "bench" / "bench_tokenizer.py"), "--corpus=hard",
+       "--path=public", "--captions=400", "--runs=2"],
+      capture_output=True, text=True, timeout=300, check=True).stdout
+  assert "ratio (captions per CPU-second" in out and "MISMATCH" not in out
+  kinds = [line.split("|")[1].strip() for line in out.splitlines()
+           if line.startswith("| ") and not line.startswith("| kind")]
+  assert kinds == ["plain", "long", "non-ASCII", "emoji", "entities", "mojibake"]
