@@ -152,6 +152,18 @@ def remove(path) -> None:
     _gfile().remove(path)
 
 
+def rmtree(path) -> None:
+  """Removes a directory and everything in it; a missing one is left alone."""
+  path = os.fspath(path)
+  if not is_url(path):
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    return
+  gfile = _gfile()
+  if gfile.exists(path):
+    gfile.rmtree(path)
+
+
 def move_tree(src, dst) -> None:
   """Moves a directory: a rename on local disk; on object stores (no directory rename),
   a copy of every file, then the deletion of the source."""

@@ -159,7 +159,7 @@ def _fmt(values):
 
 def test_quick_study_report_skip_and_resume(tmp_path):
   out = tmp_path / "study"
-  log = _study(out)
+  log = _study(out, "--keep_checkpoints")
   expected = set()
   for seed in (0, 1):
     for b in (8, 16):
@@ -244,3 +244,8 @@ def test_quick_study_report_skip_and_resume(tmp_path):
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   trained = [r["step"] for r in records if "loss" in r]
   assert trained == [8, 16, 16]  # steps 9..16 again, not 1..8
+  # Without --keep_checkpoints, the run that finished in this call lost its checkpoints once
+  # its result was written; the runs kept before still have theirs.
+  assert not (workdir / "checkpoints").exists()
+  assert all((out / "runs" / n / "checkpoints" / str(runs[n]["steps"])).is_dir()
+             for n in expected - {killed})
