@@ -4,12 +4,14 @@ ahead — summed over processes, carried through a resume; with data/records_rea
 data/epoch, 'were any good records lost?' has an answer."""
 import json
 import os
+import subprocess
 
 import jax.numpy as jnp
 import numpy as np
 
 from superclip_jax import train, train_step
 from superclip_jax.data import bad_records
+from tests import cpu_devices
 from tests.test_input_pipeline import _good, _image, _write_tar
 from tests.test_main import _tiny_demo_config
 
@@ -17,6 +19,7 @@ from tests.test_main import _tiny_demo_config
 PER_EPOCH = {"bad_image": 2, "caption_not_utf8": 1, "missing_caption": 1, "missing_image": 1,
              "truncated_shard": 2, "corrupt_shard": 1}
 GOOD = 24  # good records in one pass: 3 global batches of 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _damaged_shards(root):
@@ -138,3 +141,35 @@ def test_records_per_epoch_follow_each_row():
                "data_epoch_rows": rows}], 11)
   assert old.metrics()["data/records_read_epoch3"] == 10
   assert "data/records_read_epoch2" not in old.metrics()
+
+
+def test_two_processes_sum_their_counts(tmp_path):
+  """2 processes (jax.distributed over gloo), each reading its own shards: metrics.jsonl's
+  counts are the sum over both, each record once. Four shards built alike (4 good records, a
+  junk image and a record without caption before the last good one), read 2 per process, so
+  each process ends a pass every 2 steps of a global batch of 8, having skipped 2 + 2."""
+  root = tmp_path / "shards"
+  root.mkdir()
+  for s in range(4):
+    members = [m for r in range(3) for m in _good(f"s{s}r{r}", 10 * s + r)]
+    members += [(f"s{s}junk.jpg", b"not a jpeg"), (f"s{s}junk.txt", b"photo junk")]
+    members += [(f"s{s}nocap.png", _image(10 * s + 5))]
+    members += _good(f"s{s}r9", 10 * s + 9)
+    _write_tar(str(root / f"{s}.tar"), members)
+  workdir = str(tmp_path / "two")
+  flags = [f"--workdir={workdir}", "--config=configs/demo.py:evals=none",
+           "--config.model.variant=mu/8", "--config.model.image_size=32",
+           "--config.input.batch_size=8", f"--config.input.data=wds:{root}/{{0..3}}.tar",
+           "--config.input.cycle_length=4", "--config.input.shuffle_buffer=1",
+           "--config.total_steps=4", "--config.log_training_steps=1", "--config.ckpt_steps=4"]
+  r = subprocess.run(["bash", "launch/local_processes.sh", "2", *flags], cwd=REPO,
+                     env=cpu_devices.env(1, cached=True), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  records = _train_records(workdir)
+  assert sorted(records) == [1, 2, 3, 4]
+  for passes, step in ((1, 2), (2, 4)):  # both processes' passes, summed
+    assert _skipped(records[step]) == {"bad_image": 2 * 2 * passes,
+                                       "missing_caption": 2 * 2 * passes}, step
+    assert records[step]["data/records_read"] == 16 * passes
+    assert records[step][f"data/records_read_epoch{passes - 1}"] == 16

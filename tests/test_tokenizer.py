@@ -210,7 +210,9 @@ def test_is_bad_scans_only_near_non_ascii():
   pattern = ftfy.badness.BADNESS_RE
   tree = sre_parse.parse(pattern.pattern, pattern.flags)
   assert tree.getwidth()[1] == T._BADNESS_MAX_CHARS
-  assert not pattern.flags & (re.MULTILINE | re.DOTALL)
+  # No case folding (a non-ASCII letter could then match an ASCII one: K, the Kelvin sign, and
+  # k), '^' only at the text's start, '.' not across lines.
+  assert not pattern.flags & (re.IGNORECASE | re.MULTILINE | re.DOTALL)
 
   def chars(op, av):  # the characters one element can match; None: some ASCII can match
     if str(op) == "LITERAL":
