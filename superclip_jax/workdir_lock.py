@@ -28,6 +28,7 @@ from superclip_jax import fs
 LOCK_FILE = "train.lock"
 REFRESH_SECONDS = 60.0
 STALE_SECONDS = 600.0
+WRITE_GRACE = 10.0  # seconds an empty or unreadable lease counts as being written
 _HELD = set()  # tokens of the leases this process holds
 
 
@@ -72,6 +73,10 @@ class _Lease:
         break
       holder = _read(path)
       why = self._stale(holder)
+      if why is None and not holder:
+        raise WorkdirLockedError(
+            f"{workdir} is being taken by another trainer: its lease {path} is still being "
+            f"written. Stop that trainer, or use another --workdir.")
       if why is None:
         raise WorkdirLockedError(
             f"{workdir} is in use by a trainer on host {holder.get('host')!r}, pid "
@@ -91,6 +96,11 @@ class _Lease:
   def _stale(self, holder: dict) -> str | None:
     """Why the holder's lease is stale, or None when it may be alive."""
     if not holder:
+      # A lease this young may still be being written by a starter that just created it
+      # (storage without hard links: created, then written); a crashed writer's is older.
+      with contextlib.suppress(OSError):
+        if not fs.is_url(self.path) and time.time() - os.path.getmtime(self.path) < WRITE_GRACE:
+          return None
       return "unreadable or empty lease"
     if holder.get("host") == socket.gethostname():
       pid = holder.get("pid")
@@ -121,8 +131,26 @@ class _Lease:
 
 
 def _create(path: str, text: str) -> bool:
-  """Creates `path` with `text` unless it exists, atomically where the storage allows."""
+  """Creates `path` with `text` unless it exists, atomically where the storage allows.
+
+  Locally the lease is written whole to a temporary file first and then hard-linked into
+  place (the link fails if `path` exists): `path` never exists empty or half-written, so a
+  racing starter never reads a lease being created as an unreadable, stale one. Where hard
+  links are not supported, O_EXCL creation, then the write.
+  """
   if not fs.is_url(path):
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    try:
+      os.link(tmp, path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError:  # no hard links on this file system
+      pass
+    finally:
+      os.remove(tmp)
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:

@@ -121,3 +121,47 @@ def test_two_trainers_started_together_one_runs_the_other_refuses(tmp_path):
   assert steps == sorted(set(steps)), steps  # one run's records, not two interleaved
   assert winner_lr in (1e-3, 2e-3)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+
+
+def test_a_lease_being_written_is_not_taken_over(tmp_path):
+  """The racing starts' failure (two held): a starter found the lease another had just created
+  but not yet written, read it as an empty, stale lease and took it over. A young empty lease
+  is now left alone; an old one (a writer that crashed) is still taken over."""
+  lock = tmp_path / workdir_lock.LOCK_FILE
+  lock.write_text("")  # what O_EXCL creation leaves until the write
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="still being written"):
+    with workdir_lock.hold(str(tmp_path)):
+      pass
+  assert lock.read_text() == ""
+  old = time.time() - 2 * workdir_lock.WRITE_GRACE
+  os.utime(lock, (old, old))
+  with workdir_lock.hold(str(tmp_path)):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert not lock.exists()
+
+
+def test_the_lease_appears_whole(tmp_path, monkeypatch):
+  """Locally the lease is linked into place already written; without hard links, O_EXCL."""
+  path = str(tmp_path / workdir_lock.LOCK_FILE)
+  seen = []
+  real_link = os.link
+
+  def link(src, dst):
+    seen.append(open(src).read())  # the text is complete before the lease can exist
+    return real_link(src, dst)
+
+  monkeypatch.setattr(os, "link", link)
+  assert workdir_lock._create(path, '{"token": "a"}')
+  assert not workdir_lock._create(path, '{"token": "b"}')
+  assert seen == ['{"token": "a"}', '{"token": "b"}']
+  assert open(path).read() == '{"token": "a"}'
+  os.remove(path)
+
+  def no_link(src, dst):
+    raise PermissionError("hard links not supported")
+
+  monkeypatch.setattr(os, "link", no_link)
+  assert workdir_lock._create(path, '{"token": "c"}')
+  assert not workdir_lock._create(path, '{"token": "d"}')
+  assert open(path).read() == '{"token": "c"}'
+  assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_FILE]  # no temporary left
