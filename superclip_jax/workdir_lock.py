@@ -5,7 +5,8 @@ rewritten every `REFRESH_SECONDS` by a daemon thread. Another trainer refuses to
 is there, naming the holder, and takes it over only when it is provably stale: on the same
 host with its process gone, or not refreshed for `STALE_SECONDS` (any host; this assumes the
 hosts' clocks agree to well within that). Multi-process jobs take it once, on process 0.
-Creation is atomic on local and network file systems (O_EXCL) and on gs:// when
+Creation is atomic on local and network file systems (written whole, then hard-linked into
+place; O_EXCL without hard links) and on gs:// when
 google-cloud-storage is installed (a generation-conditional write); elsewhere it is a check
 then a write, which two starts in the same second can both pass (docs/training.md).
 """
