@@ -246,15 +246,13 @@ def main():
   print(f"ratio (captions per CPU-second, warm median): {o_cpu / t_cpu:.1f}x "
         f"(cold: {o_cold / t_cold:.1f}x{spread})")
   if args.corpus == "hard":  # where the time goes, kind by kind (warm caches, public path)
-    from superclip_jax import tokenizer as T
     print("\n| kind | share | ours captions/CPU-s | OpenCLIP | ratio | share of our time |")
     print("|---|---|---|---|---|---|")
     total = ours[-1][0]
     for kind, _ in HARD_KINDS:
       sub = [c for k, c in kinds if k == kind]
-      mine = statistics.median(measure(lambda: T.tokenize(sub), int, 3)[i][0] for i in range(3))
-      theirs_k = statistics.median(measure(lambda: oc(sub).numpy(), int, 3)[i][0]
-                                   for i in range(3))
+      mine = statistics.median(s[0] for s in measure(lambda: tokenizer.tokenize(sub), int, 3))
+      theirs_k = statistics.median(s[0] for s in measure(lambda: oc(sub).numpy(), int, 3))
       print(f"| {kind} | {len(sub) / n:.0%} | {len(sub) / mine:,.0f} | {len(sub) / theirs_k:,.0f}"
             f" | {theirs_k / mine:.1f}x | {mine / total:.0%} |")
 
