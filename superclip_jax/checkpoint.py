@@ -15,6 +15,7 @@ import functools
 import json
 import logging as std_logging
 import os
+import re
 import sys
 import warnings
 
@@ -123,6 +124,9 @@ class Checkpointer:
                                      "os_error_code='27'", "quota", "Quota"))
     if len(reason) > 500:  # the storage's own words (errno) come last
       reason = f"{reason[:200]} ... {reason[-250:]}"
+    code = re.search(r"os_error_code='(\d+)'", reason)
+    if code and os.strerror(int(code[1])) not in reason:  # the cut may have dropped the words
+      reason = f"{reason} ({os.strerror(int(code[1]))})"
     earlier = [s for s in self.all_steps() if s < step and self._committed(s)]
     where = (f"The checkpoints written before it are intact (latest: step {max(earlier)}); "
              f"restart with the same command once fixed and the run resumes from there."

@@ -170,3 +170,23 @@ def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_clear_line(tmp_pa
            if line.startswith("step ")]
   assert steps and max(steps) < 40, r.stdout[-2000:]  # stopped, not trained on to the end
   assert not (workdir / "checkpoints" / "2").exists()  # nothing claims to be a checkpoint
+
+
+def test_a_long_storage_error_keeps_the_operating_systems_words(tmp_path):
+  """TensorStore's error can run to kilobytes, with the errno's words ("File too large") in
+  its middle and only the code ("os_error_code='27'") at its end; the message is cut to fit a
+  line, so the words are put back from the code (CI once lost them)."""
+  import errno
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path), _config())
+  try:
+    long = ("Error writing \"rng/.zarray\": " + "x" * 300 + " File too large "
+            + "y" * 600 + " [os_error_code='27']")
+    message = str(ckpt._save_error(2, OSError(long)))
+    assert "File too large" not in message.split(" ... ")[0]  # the cut took them out
+    assert os.strerror(errno.EFBIG) in message and "file-size limit is full" in message
+    short = str(ckpt._save_error(2, OSError("write failed: No space left on device "
+                                            "[os_error_code='28']")))
+    assert short.count(os.strerror(errno.ENOSPC)) == 1  # not repeated when already there
+  finally:
+    ckpt.close()
