@@ -23,6 +23,7 @@ try:
 except ImportError:
   open_clip = None
 
+from superclip_jax import text_cleaning
 from superclip_jax import tokenizer as T
 
 SOT, EOT = T.SOT_ID, T.EOT_ID
@@ -160,7 +161,7 @@ def test_plain_text_is_unchanged_by_ftfy_and_unescape():
 
 def test_ftfy_touched_set_matches_the_fixers():
   """Codepoint by codepoint: the per-character fixers change exactly the `_FTFY_TOUCHED` set."""
-  assert ftfy.__version__ == "6.3.1", "ftfy changed: re-check _fix_text's reasoning"
+  assert ftfy.__version__ == "6.3.1", "ftfy changed: re-check text_cleaning.fix_text's reasoning"
   assert set(ftfy.FIXERS) == {
       "unescape_html", "remove_terminal_escapes", "restore_byte_a0", "replace_lossy_sequences",
       "decode_inconsistent_utf8", "fix_c1_controls", "fix_latin_ligatures",
@@ -171,9 +172,9 @@ def test_ftfy_touched_set_matches_the_fixers():
             ftfy.fixes.fix_surrogates, ftfy.fixes.remove_terminal_escapes,
             ftfy.fixes.remove_control_chars]
   quotes = {0x02BC, *range(0x2018, 0x2020)}
-  touched = [c for c in range(0x110000) if T._FTFY_TOUCHED.match(chr(c))]
+  touched = [c for c in range(0x110000) if text_cleaning._FTFY_TOUCHED.match(chr(c))]
   untouched = "".join(chr(c) for c in range(0x110000)
-                      if c not in quotes and not T._FTFY_TOUCHED.match(chr(c)))
+                      if c not in quotes and not text_cleaning._FTFY_TOUCHED.match(chr(c)))
   for fixer in fixers:
     assert fixer(untouched) == untouched, fixer.__name__
   assert ftfy.fixes.uncurl_quotes(untouched) == untouched
@@ -193,7 +194,7 @@ def test_fix_text_shortcut_equals_ftfy(monkeypatch):
            + maker.caption_like_texts(1000, seed=42) + maker.hard_captions(1000, seed=46)
            + multi + [t for t, _ in fixture_cases() if len(t) < 5000])
   for text in texts:
-    assert T._fix_text(text) == ftfy.fix_text(text), repr(text)
+    assert text_cleaning.fix_text(text) == ftfy.fix_text(text), repr(text)
   # The shortcut is really taken for ordinary non-ASCII captions, line by line, through double
   # escaping and after a '<': ftfy is never called.
   monkeypatch.setattr(ftfy, "fix_text", None)
@@ -201,15 +202,15 @@ def test_fix_text_shortcut_equals_ftfy(monkeypatch):
   for text in ["café crème", "it’s “quoted” ‘here’", "東京タワー 😀", "naïve — résumé …",
                "Привет, мир", "AT&T", "½ °C ©", "fish &amp;amp; chips", "line one\nline “two”",
                "a <b> tag\n&amp;lt; kept &eacute;", "x\n" * 50 + "déjà vu " * 300]:
-    T._fix_text(text)
+    text_cleaning.fix_text(text)
 
 
 def test_is_bad_scans_only_near_non_ascii():
-  """`_is_bad` equals ftfy's `is_bad`; the pattern facts it relies on hold."""
+  """`text_cleaning.is_bad` equals ftfy's `is_bad`; the pattern facts it relies on hold."""
   import re._parser as sre_parse  # noqa: PLC0415 (CPython's own regex parser, 3.11 and 3.12)
   pattern = ftfy.badness.BADNESS_RE
   tree = sre_parse.parse(pattern.pattern, pattern.flags)
-  assert tree.getwidth()[1] == T._BADNESS_MAX_CHARS
+  assert tree.getwidth()[1] == text_cleaning._BADNESS_MAX_CHARS
   # No case folding (a non-ASCII letter could then match an ASCII one: K, the Kelvin sign, and
   # k), '^' only at the text's start, '.' not across lines.
   assert not pattern.flags & (re.IGNORECASE | re.MULTILINE | re.DOTALL)
@@ -243,7 +244,7 @@ def test_is_bad_scans_only_near_non_ascii():
   texts = [t for t, _ in fixture_cases() if len(t) < 5000] + maker.hard_captions(2000, seed=48)
   texts += ["".join(rng.choice(bad + [" ", "a", "é", "\n", "x" * 9, "日本", "😀"])
                     for _ in range(rng.randint(0, 12))) for _ in range(4000)]
-  mismatched = [t for t in texts if T._is_bad(t) != ftfy.badness.is_bad(t)]
+  mismatched = [t for t in texts if text_cleaning.is_bad(t) != ftfy.badness.is_bad(t)]
   assert not mismatched, mismatched[:5]
   assert sum(map(ftfy.badness.is_bad, texts)) > 1000  # both answers are well represented
 
