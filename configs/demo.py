@@ -16,6 +16,11 @@ from superclip_jax import config_lib, models
 # the built-in shapes; set it to your own (a spec string, docs/evaluation.md) from the command
 # line. num_examples: None = all (the demo renders 512); an int field settable from flags.
 DEMO_EVALS = ("zeroshot", "retrieval")
+# Also on request (evals=zeroshot+probe): linear probes of the image tower's mean patch token
+# (what the class head sees) for the main object's shape and position, fitted on 2,048
+# training images: what the tower encodes, apart from what the text tower matches.
+EXTRA_EVALS = ("probe",)
+PROBE_LABELS = ("shape", "position")
 
 
 def get_config(arg=None):
@@ -41,9 +46,15 @@ def get_config(arg=None):
   c.schedule.warmup_steps = 100
   c.log_training_steps = 50
   c.ckpt_steps = 200
-  chosen = config_lib.chosen_evals(arg.evals, DEMO_EVALS)
-  if models.has_text(arg.mode):  # both evaluations embed text
-    for name in chosen:
+  chosen = config_lib.chosen_evals(arg.evals, DEMO_EVALS + EXTRA_EVALS)
+  for name in chosen:
+    if name == "probe":  # image features only: every mode
+      for label in PROBE_LABELS:
+        c.evals[f"probe_{label}"] = dict(
+            type="linear_probe", every_steps=400, label=label, features="patch_mean",
+            train_data="demo:train", test_data="demo:zeroshot", num_train_examples=2048,
+            batch_size=256)
+    elif models.has_text(arg.mode):  # zero-shot and retrieval embed text
       c.evals[name] = dict(type=name, every_steps=400, data="demo", batch_size=256,
                            num_examples=ml_collections.FieldReference(None, field_type=int))
   return c

@@ -110,9 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
       # The built-in demo data, rendered at model.image_size. long_captions_for_head: the
       # class head learns from the long caption (the paper's "dual" captions, Table 5).
       # caption: 'short' (the default) or 'long', the caption both losses learn from
-      # (long_captions_for_head aside); the study's "long only" regime.
+      # (long_captions_for_head aside); the study's "long only" regime. templates: the
+      # training split's short captions, '|'-separated, with the fields {size} {colour}
+      # {shape} {pos} {bg} ('' = the built-in mix, data/demo.py); e.g. 'a shape in the {pos}'.
       demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False,
-                                          caption="short")),
+                                          caption="short", templates="")),
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ((".*", "replicate"),)
@@ -257,6 +259,9 @@ def validate(config) -> None:
   caption = config.input.get("demo", {}).get("caption", "short")
   if caption not in ("short", "long"):
     raise ValueError(f"config.input.demo.caption={caption!r}: use 'short' or 'long'")
+  if config.input.get("demo", {}).get("templates"):
+    from superclip_jax.data import demo
+    demo.parse_templates(config.input.demo.templates)  # a bad template fails here, named
   from superclip_jax.data import position, spec  # data imports only when validating a run
   spec.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:

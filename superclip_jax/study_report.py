@@ -14,8 +14,9 @@ import numpy as np
 
 from superclip_jax import fs, models
 
-# Default metrics of the tables and figures: top-1 accuracies and Recall@1 / @10.
-DEFAULT_METRICS = re.compile(r".*(top1|_R@1|_R@10)$")
+# Default metrics of the tables and figures: top-1 accuracies and Recall@1 / @10 (not a linear
+# probe's held-out `val_top1`, which only picks its regularisation).
+DEFAULT_METRICS = re.compile(r".*(?<!/val_)(top1|_R@1|_R@10)$")
 MODE_NAMES = {("softmax", "clip"): "CLIP", ("softmax", "superclip"): "SuperCLIP",
               ("sigmoid", "clip"): "SigLIP", ("sigmoid", "superclip"): "SigLIP + head"}
 BATCH_FIGURE, REGIME_FIGURE = "batch_size.png", "caption_regimes.png"

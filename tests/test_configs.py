@@ -17,7 +17,7 @@ EVAL_DATA = {"zeroshot_imagenet": "folder:/nowhere/imagenet/val",
 PAPER_FILES = ("b16", "l16", "clip_b16", "siglip_b16", "superclass_b16")
 # Every documented variant: (config file, arg).
 VARIANTS = ([("demo", ""), ("demo", "mode=clip"), ("demo", "contrastive=sigmoid"),
-             ("demo", "long_captions=True")]
+             ("demo", "long_captions=True"), ("demo", "mode=superclass,evals=probe")]
             + [(name, "") for name in PAPER_FILES]
             + [("b16", a) for a in ("mode=clip", "mode=superclass", "contrastive=sigmoid",
                                      "variant=L/16")]
@@ -132,6 +132,16 @@ def test_paper_config_without_data_stops_naming_the_flag(name):
 def test_demo_is_the_only_config_with_built_in_data():
   assert get_config("demo").input.data == "demo"
   config_lib.validate(get_config("demo"))
+
+
+def test_demo_probes_are_on_request_and_need_no_text_tower():
+  assert not any("probe" in name for name in get_config("demo").evals)
+  config = get_config("demo", "mode=superclass,evals=probe")
+  assert sorted(config.evals) == ["probe_position", "probe_shape"]
+  assert {ev.label for ev in config.evals.values()} == {"shape", "position"}
+  config_lib.validate(config)
+  both = get_config("demo", "mode=clip,evals=zeroshot+probe")
+  assert sorted(both.evals) == ["probe_position", "probe_shape", "zeroshot"]
 
 
 @pytest.mark.parametrize("arg,missing", [("", "retrieval_coco"),  # checked in name order

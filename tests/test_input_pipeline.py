@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from superclip_jax import config_lib, tokenizer
-from superclip_jax.data import bad_records, input_pipeline, position, records, sources
+from superclip_jax.data import bad_records, demo, input_pipeline, position, records, sources
 from superclip_jax.data import tfds_source, transforms, webdataset
 from superclip_jax.data import spec as data_spec
 from superclip_jax.data.image_folder import image_folder_source
@@ -519,6 +519,33 @@ def test_demo_source_resumes_from_examples_seen():
   np.testing.assert_array_equal(first[1]["image"], again[0]["image"])
   assert first[0]["_position"].shape == (4, 4)
   assert position.position_shape(config, 1) == (1, 1, 2)
+
+
+def test_demo_templates_choose_the_training_captions():
+  """config.input.demo.templates: each training caption is one of the given phrasings, filled
+  with that example's own attributes (drawn here from the generator's rng, independently of
+  the pipeline); the default stays the built-in mix, unchanged."""
+  templates = "a shape in the {pos}|a {size} {colour} {shape}"
+  config = _config("demo", batch=8)
+  default = _batches(input_pipeline.train_dataset(config), 1)[0]
+  config.input.demo.templates = templates
+  config_lib.validate(config)
+  got = _batches(input_pipeline.train_dataset(config), 1)[0]
+  decoded = tokenizer.decode(got["tokens"].tolist())
+  for i, caption in enumerate(decoded):
+    attrs = demo.sample_attributes(demo._rng(config.input.demo.seed, "train", i))
+    assert caption in {t.format(**attrs) for t in templates.split("|")}, (i, caption)
+    assert default_caption(config, i) == tokenizer.decode(default["tokens"][i].tolist())
+  assert len(set(decoded)) > 2  # both phrasings, various attributes
+  for bad, why in (("a {colour", "not a caption template"), ("a {weight} thing", "weight"),
+                   ("a plain caption", "names no field"), ("a {shape}|", "names no field")):
+    config.input.demo.templates = bad
+    with pytest.raises(ValueError, match=rf"config\.input\.demo\.templates.*{why}"):
+      config_lib.validate(config)
+
+
+def default_caption(config, i):
+  return demo.example(config.input.demo.seed, "train", i, SIZE)["caption"]
 
 
 def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(damaged_shards):

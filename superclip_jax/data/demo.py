@@ -5,8 +5,9 @@ second object on a light or dark background, with
   * a short caption about the main object (several phrasings: "a large red circle in the top
     left", "a blue square", ...), and
   * a long caption describing both objects and the background.
-Example `i` of a split depends only on (seed, split, i), so any position of the stream can be
-produced directly: resuming is exact and each host can render its own slice.
+Example `i` of a split depends only on (seed, split, i) (and, for training,
+`config.input.demo.templates`: the short captions' phrasings), so any position of the stream
+can be produced directly: resuming is exact and each host can render its own slice.
 
 Held-out splits ('zeroshot', 'retrieval') use a different stream from 'train'. Zero-shot tasks
 ask for the main object's colour, shape or position.
@@ -64,6 +65,27 @@ _LONG_TEMPLATE = ("a photo of a {size} {colour} {shape} in the {pos} of the imag
 # Region centres (fractions of the image side) for each position name.
 _CENTRES = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
             "bottom right": (0.72, 0.72), "center": (0.5, 0.5)}
+
+
+_FIELDS = ("size", "colour", "shape", "pos", "bg")
+
+
+def parse_templates(templates: str | None) -> tuple[str, ...]:
+  """config.input.demo.templates ('|'-separated; '' or None: the built-in short templates)."""
+  if not templates:
+    return _SHORT_TEMPLATES
+  parsed = tuple(t.strip() for t in templates.split("|"))
+  example_fields = {f: f for f in _FIELDS}
+  for t in parsed:
+    try:
+      if not t or t.format(**example_fields) == t:
+        raise ValueError("it names no field")
+    except (KeyError, IndexError, ValueError) as e:
+      raise ValueError(
+          f"config.input.demo.templates: {t!r} is not a caption template ({e}): write "
+          f"'|'-separated templates using the fields {{{'} {'.join(_FIELDS)}}}, e.g. "
+          "'a {colour} {shape}|a shape in the {pos}'") from None
+  return parsed
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -124,11 +146,13 @@ def render(attrs: dict, image_size: int, rng: np.random.Generator) -> np.ndarray
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def example(seed: int, split: str, index: int, image_size: int) -> dict:
-  """One example: image uint8 [H, W, 3], caption, long_caption, and the attribute labels."""
+def example(seed: int, split: str, index: int, image_size: int,
+            templates: tuple[str, ...] = _SHORT_TEMPLATES) -> dict:
+  """One example: image uint8 [H, W, 3], caption, long_caption, and the attribute labels.
+  `templates`: the short caption's choices (`parse_templates`)."""
   rng = _rng(seed, split, index)
   a = sample_attributes(rng)
-  caption = _SHORT_TEMPLATES[rng.integers(len(_SHORT_TEMPLATES))].format(**a)
+  caption = templates[rng.integers(len(templates))].format(**a)
   long_caption = _LONG_TEMPLATE.format(**a)
   return {
       "image": render(a, image_size, rng),
@@ -140,9 +164,10 @@ def example(seed: int, split: str, index: int, image_size: int) -> dict:
   }
 
 
-def batch(seed: int, split: str, indices, image_size: int) -> dict:
+def batch(seed: int, split: str, indices, image_size: int,
+          templates: tuple[str, ...] = _SHORT_TEMPLATES) -> dict:
   """Examples for `indices` stacked: image [n, H, W, 3] uint8, captions as bytes arrays."""
-  exs = [example(seed, split, int(i), image_size) for i in indices]
+  exs = [example(seed, split, int(i), image_size, templates) for i in indices]
   out = {k: np.stack([e[k] for e in exs]) for k in ("image", "colour", "shape", "position")}
   for k in ("caption", "long_caption"):
     out[k] = np.array([e[k].encode() for e in exs], dtype=object)
@@ -156,14 +181,14 @@ def batch(seed: int, split: str, indices, image_size: int) -> dict:
 # As tf.data.
 
 def tf_batch(seed: int, split: str, indices, image_size: int,
-             fields: tuple[str, ...]) -> dict:
+             fields: tuple[str, ...], templates: tuple[str, ...] = _SHORT_TEMPLATES) -> dict:
   """`batch` as a TensorFlow op: indices int64 [n] -> {'image': uint8 [n, S, S, 3], and each
   of `fields` (caption, long_caption: string [n]; colour, shape, position: int32 [n])}."""
   types = {"caption": tf.string, "long_caption": tf.string, "colour": tf.int32,
            "shape": tf.int32, "position": tf.int32}
 
   def render(idx):
-    b = batch(seed, split, idx, image_size)
+    b = batch(seed, split, idx, image_size, templates)
     return (b["image"], *(b[f] for f in fields))
 
   image, *values = tf.numpy_function(render, [indices], [tf.uint8, *(types[f] for f in fields)],
@@ -183,9 +208,11 @@ def train_rows(config, start: int, process_index: int, process_count: int) -> tf
   rows = tf.data.Dataset.range(first, np.iinfo(np.int64).max, global_batch).map(
       lambda i: tf.range(i, i + local))
 
+  templates = parse_templates(config.input.demo.get("templates"))
+
   def render(idx):
     b = tf_batch(config.input.demo.seed, "train", idx, config.model.image_size,
-                 ("caption", "long_caption"))
+                 ("caption", "long_caption"), templates)
     if config.input.demo.get("caption", "short") == "long":
       b["caption"] = b["long_caption"]
     # The demo resumes from examples_seen; its position rows are unused.
