@@ -81,9 +81,10 @@ def parse_templates(templates: str | None) -> tuple[str, ...]:
       if not t or t.format(**example_fields) == t:
         raise ValueError("it names no field")
     except (KeyError, IndexError, ValueError) as e:
+      fields = " ".join("{" + f + "}" for f in _FIELDS)
       raise ValueError(
           f"config.input.demo.templates: {t!r} is not a caption template ({e}): write "
-          f"'|'-separated templates using the fields {{{'} {'.join(_FIELDS)}}}, e.g. "
+          f"'|'-separated templates using the fields {fields}, e.g. "
           "'a {colour} {shape}|a shape in the {pos}'") from None
   return parsed
 
