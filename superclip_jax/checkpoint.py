@@ -11,6 +11,7 @@ trained on. A restart restores the newest checkpoint that reads and verifies
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging as std_logging
@@ -120,13 +121,14 @@ class Checkpointer:
 
   def _save_error(self, step: int, error) -> "CheckpointSaveError":
     reason = "it was not committed" if error is None else " ".join(str(error).split())
-    full = any(s in reason for s in ("No space left", "os_error_code='28'", "File too large",
-                                     "os_error_code='27'", "quota", "Quota"))
+    code = re.search(r"os_error_code='(\d+)'", reason)  # TensorStore's errno
+    code = int(code[1]) if code else None
+    full = code in (errno.ENOSPC, errno.EFBIG) or any(
+        s in reason for s in ("No space left", "File too large", "quota", "Quota"))
     if len(reason) > 500:  # the storage's own words (errno) come last
       reason = f"{reason[:200]} ... {reason[-250:]}"
-    code = re.search(r"os_error_code='(\d+)'", reason)
-    if code and os.strerror(int(code[1])) not in reason:  # the cut may have dropped the words
-      reason = f"{reason} ({os.strerror(int(code[1]))})"
+    if code is not None and os.strerror(code) not in reason:  # the cut may have dropped them
+      reason = f"{reason} ({os.strerror(code)})"
     earlier = [s for s in self.all_steps() if s < step and self._committed(s)]
     where = (f"The checkpoints written before it are intact (latest: step {max(earlier)}); "
              f"restart with the same command once fixed and the run resumes from there."

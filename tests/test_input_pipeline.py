@@ -535,17 +535,14 @@ def test_demo_templates_choose_the_training_captions():
   for i, caption in enumerate(decoded):
     attrs = demo.sample_attributes(demo._rng(config.input.demo.seed, "train", i))
     assert caption in {t.format(**attrs) for t in templates.split("|")}, (i, caption)
-    assert default_caption(config, i) == tokenizer.decode(default["tokens"][i].tolist())
+    want = demo.example(config.input.demo.seed, "train", i, SIZE)["caption"]
+    assert want == tokenizer.decode(default["tokens"][i].tolist())
   assert len(set(decoded)) > 2  # both phrasings, various attributes
   for bad, why in (("a {colour", "not a caption template"), ("a {weight} thing", "weight"),
                    ("a plain caption", "names no field"), ("a {shape}|", "names no field")):
     config.input.demo.templates = bad
     with pytest.raises(ValueError, match=rf"config\.input\.demo\.templates.*{why}"):
       config_lib.validate(config)
-
-
-def default_caption(config, i):
-  return demo.example(config.input.demo.seed, "train", i, SIZE)["caption"]
 
 
 def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(damaged_shards):
