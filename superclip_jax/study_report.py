@@ -123,7 +123,8 @@ def markdown(cells, *, modes, batch_sizes, regimes, metrics, settings, runs_expe
 
 def figures(out: str, cells, *, modes, batch_sizes, regimes, metrics) -> list[str]:
   """batch_size.png (the paper's Figure 4: each metric vs batch size, the first regime) and
-  caption_regimes.png (each metric per regime at the largest batch). -> the file names."""
+  caption_regimes.png (each metric vs batch size, a line per model and regime).
+  -> the file names."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
@@ -157,23 +158,28 @@ def figures(out: str, cells, *, modes, batch_sizes, regimes, metrics) -> list[st
   plt.close(fig)
   written.append(BATCH_FIGURE)
 
-  batch = max(batch_sizes)
+  # Every regime at every batch size: a line per (model, regime); CLIP's dual run is its
+  # short one (train_regime), so it gets no line of its own.
+  styles = {"short": "-", "long": ":", "dual": "--"}
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-  width = 0.8 / max(1, len(pair))
   for ax, metric in zip(axes.flat, metrics):
-    for i, mode in enumerate(pair):
-      got = [look.get("softmax", mode, r, batch, metric) for r in regimes]
-      ax.bar(np.arange(len(regimes)) + (i - (len(pair) - 1) / 2) * width,
-             [100 * c["mean"] if c else 0.0 for c in got], width,
-             yerr=[100 * (c["std"] or 0.0) if c else 0.0 for c in got], capsize=3,
-             label=MODE_NAMES["softmax", mode])
-    ax.set_xticks(np.arange(len(regimes)), regimes)
+    for colour, mode in zip(("C0", "C1"), pair):
+      for r in dict.fromkeys(train_regime(mode, r) for r in regimes):
+        got = [(b, look.get("softmax", mode, r, b, metric)) for b in batch_sizes]
+        got = [(b, c) for b, c in got if c is not None]
+        ax.errorbar([b for b, _ in got], [100 * c["mean"] for _, c in got],
+                    yerr=[100 * (c["std"] or 0.0) for _, c in got], marker="o", capsize=3,
+                    color=colour, linestyle=styles.get(r, "-"),
+                    label=f"{MODE_NAMES['softmax', mode]}, {r}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.set_title(metric, fontsize=9)
+    ax.set_xlabel("batch size")
     ax.set_ylabel("× 100")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(metrics):]:
     ax.axis("off")
-  fig.suptitle(f"Caption regimes at batch {batch} (mean ± std over seeds)")
+  fig.suptitle("Caption regimes by batch size (mean ± std over seeds)")
   fig.tight_layout()
   fig.savefig(fs.join(out, REGIME_FIGURE), dpi=100)
   plt.close(fig)

@@ -179,6 +179,13 @@ def test_quick_study_report_skip_and_resume(tmp_path):
   assert {r["name"] for r in report["runs"]} == expected
   assert {r["name"]: r["metrics"] for r in report["runs"]} == {
       n: r["metrics"] for n, r in runs.items()}
+  # The default study's short captions name the position alone (study.STUDY_CONFIG): each
+  # training caption of the recorded base config, against the example's own position label.
+  from superclip_jax.data import demo
+  templates = demo.parse_templates(report["settings"]["base_config"]["input"]["demo"]["templates"])
+  for i in range(32):
+    ex = demo.example(0, "train", i, 16, templates)
+    assert ex["caption"] == f"a shape in the {demo.POSITIONS[ex['position']]}"
   metrics = report["metrics"]
   assert {"zeroshot/colour_top1", "zeroshot/shape_top1", "zeroshot/position_top1",
           "retrieval_short/image_to_text_R@1", "retrieval_long/text_to_image_R@10"} <= set(metrics)
