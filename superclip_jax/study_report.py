@@ -133,58 +133,44 @@ def figures(out: str, cells, *, modes, batch_sizes, regimes, metrics) -> list[st
   pair = [m for m in ("clip", "superclip") if m in modes]
   cols = min(4, len(metrics))
   rows = math.ceil(len(metrics) / cols)
-  written = []
 
-  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-  regime = regimes[0]
-  for ax, metric in zip(axes.flat, metrics):
-    for mode in pair:
-      got = [(b, look.get("softmax", mode, regime, b, metric)) for b in batch_sizes]
-      got = [(b, c) for b, c in got if c is not None]
-      ax.errorbar([b for b, _ in got], [100 * c["mean"] for _, c in got],
-                  yerr=[100 * (c["std"] or 0.0) for _, c in got], marker="o", capsize=3,
-                  label=MODE_NAMES["softmax", mode])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-    ax.set_title(metric, fontsize=9)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("× 100")
-    ax.legend(fontsize=8)
-  for ax in list(axes.flat)[len(metrics):]:
-    ax.axis("off")
-  fig.suptitle(f"CLIP vs SuperCLIP by batch size ({regime} captions; mean ± std over seeds)")
-  fig.tight_layout()
-  fig.savefig(fs.join(out, BATCH_FIGURE), dpi=100)
-  plt.close(fig)
-  written.append(BATCH_FIGURE)
-
-  # Every regime at every batch size: a line per (model, regime); CLIP's dual run is its
-  # short one (train_regime), so it gets no line of its own.
-  styles = {"short": "-", "long": ":", "dual": "--"}
-  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-  for ax, metric in zip(axes.flat, metrics):
-    for colour, mode in zip(("C0", "C1"), pair):
-      for r in dict.fromkeys(train_regime(mode, r) for r in regimes):
-        got = [(b, look.get("softmax", mode, r, b, metric)) for b in batch_sizes]
+  def figure(name, title, lines, legend_size):
+    """Each metric against batch size, one line per (mode, regime, matplotlib style)."""
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+      for mode, regime, style in lines:
+        got = [(b, look.get("softmax", mode, regime, b, metric)) for b in batch_sizes]
         got = [(b, c) for b, c in got if c is not None]
         ax.errorbar([b for b, _ in got], [100 * c["mean"] for _, c in got],
                     yerr=[100 * (c["std"] or 0.0) for _, c in got], marker="o", capsize=3,
-                    color=colour, linestyle=styles.get(r, "-"),
-                    label=f"{MODE_NAMES['softmax', mode]}, {r}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-    ax.set_title(metric, fontsize=9)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("× 100")
-    ax.legend(fontsize=7)
-  for ax in list(axes.flat)[len(metrics):]:
-    ax.axis("off")
-  fig.suptitle("Caption regimes by batch size (mean ± std over seeds)")
-  fig.tight_layout()
-  fig.savefig(fs.join(out, REGIME_FIGURE), dpi=100)
-  plt.close(fig)
-  written.append(REGIME_FIGURE)
-  return written
+                    **style)
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+      ax.set_title(metric, fontsize=9)
+      ax.set_xlabel("batch size")
+      ax.set_ylabel("× 100")
+      ax.legend(fontsize=legend_size)
+    for ax in list(axes.flat)[len(metrics):]:
+      ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(fs.join(out, name), dpi=100)
+    plt.close(fig)
+    return name
+
+  regime = regimes[0]
+  batch = figure(BATCH_FIGURE,
+                 f"CLIP vs SuperCLIP by batch size ({regime} captions; mean ± std over seeds)",
+                 [(mode, regime, {"label": MODE_NAMES["softmax", mode]}) for mode in pair], 8)
+  # Every regime: a line per (model, regime); CLIP's dual run is its short one
+  # (train_regime), so it gets no line of its own.
+  styles = {"short": "-", "long": ":", "dual": "--"}
+  lines = [(mode, r, {"color": colour, "linestyle": styles.get(r, "-"),
+                      "label": f"{MODE_NAMES['softmax', mode]}, {r}"})
+           for colour, mode in zip(("C0", "C1"), pair)
+           for r in dict.fromkeys(train_regime(mode, r) for r in regimes)]
+  return [batch, figure(REGIME_FIGURE, "Caption regimes by batch size (mean ± std over seeds)",
+                        lines, 7)]
 
 
 def write(out: str, results: list[dict], *, modes, batch_sizes, regimes, metrics, settings,
