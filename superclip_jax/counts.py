@@ -75,5 +75,12 @@ class IdfCounts:
                         precision=jax.lax.Precision.HIGHEST)
     return IdfCounts(self.doc_freq.add(per_token), self.num_docs.add(targets.shape[0]))
 
+  def add_captions(self, tokens, distinct) -> "IdfCounts":
+    """`update(multi_hot(tokens))` from the sparse form: tokens int [batch, context], distinct
+    `losses.distinct_tokens(tokens)`; a scatter-add of integers, exact."""
+    per_token = jnp.zeros(self.doc_freq.lo.shape, jnp.uint32).at[tokens].add(
+        distinct.astype(jnp.uint32))
+    return IdfCounts(self.doc_freq.add(per_token), self.num_docs.add(tokens.shape[0]))
+
   def weights(self):
     return losses.idf_weights(self.doc_freq.to_float(), self.num_docs.to_float())

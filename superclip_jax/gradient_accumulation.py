@@ -61,7 +61,7 @@ def value_and_grad(loss, params, batch: dict, idf_weights, rng, *, steps: int):
         if name in out:
           fixed = jax.lax.stop_gradient(out[name])
           out[name] = fixed + (out[name] - fixed) / steps
-    targets = losses.multi_hot(mb["class_tokens"], loss.vocab) if loss.has_head else None
+    targets = losses.class_targets(mb["class_tokens"]) if loss.has_head else None
     terms = loss.terms(out, targets, idf_weights)
     if "class_loss" in terms:  # micro-batch mean / k: the k of them sum to the batch mean
       terms["class_loss"] = terms["class_loss"] / steps

@@ -71,6 +71,23 @@ def multi_hot(tokens, vocab_size: int = 49408):
   return jnp.zeros((batch, vocab_size), jnp.float32).at[rows, tokens].max(valid)
 
 
+def distinct_tokens(tokens):
+  """int [batch, context] token ids -> bool [batch, context]: True at the first position of
+  each id up to and including EOT. The ids marked are exactly `multi_hot`'s ones, kept sparse
+  ([batch, context], not [batch, vocab]): what `sparse_idf_class_loss` and
+  `IdfCounts.add_captions` read."""
+  pos = jnp.arange(tokens.shape[1])
+  valid = pos[None, :] <= jnp.argmax(tokens, axis=-1)[:, None]
+  earlier = pos[None, :] < pos[:, None]  # [i, j]: j comes before i
+  repeat = jnp.any((tokens[:, :, None] == tokens[:, None, :]) & earlier[None], axis=-1)
+  return valid & ~repeat
+
+
+def class_targets(tokens):
+  """The class loss's targets, sparse: (token ids, `distinct_tokens` of them)."""
+  return tokens, distinct_tokens(tokens)
+
+
 def idf_weights(doc_freq, num_docs):
   """log((num_docs + 1) / (doc_freq + 1)): doc_freq [vocab] counts, num_docs a scalar."""
   doc_freq = jnp.asarray(doc_freq, jnp.float32)
@@ -90,6 +107,26 @@ def idf_class_loss(class_logits, targets, idf):
   t = jnp.where(norm > 0, weighted / jnp.where(norm > 0, norm, 1.0), 0.0)
   logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.sum(t * logp, axis=-1))
+
+
+def sparse_idf_class_loss(class_logits, tokens, distinct, idf):
+  """`idf_class_loss(class_logits, multi_hot(tokens), idf)` without a [batch, vocab] target.
+
+  tokens: int [batch, context]; distinct: `distinct_tokens(tokens)`. A row's loss
+  -sum_v t_v log_softmax(z)_v is sum_j t_j (logsumexp(z) - z[token_j]) over its distinct
+  tokens (sum_j t_j is 1, or 0 for a row with no weight), so the targets' weighting and
+  normalisation work on [batch, context], and the only [batch, vocab] passes left are the
+  logits' logsumexp and, in the backward pass, softmax(z) less the scattered t. On a
+  memory-bound step (a small tower, or any tower at a small batch) the dense form's extra
+  passes over [batch, vocab] were most of the head's cost (docs/performance.md).
+  """
+  logits = class_logits.astype(jnp.float32)
+  weighted = jnp.where(distinct, idf.astype(jnp.float32)[tokens], 0.0)
+  norm = jnp.sum(weighted, axis=-1, keepdims=True)
+  t = jnp.where(norm > 0, weighted / jnp.where(norm > 0, norm, 1.0), 0.0)
+  picked = jnp.take_along_axis(logits, tokens, axis=-1)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return jnp.mean(jnp.sum(t, axis=-1) * lse - jnp.sum(t * picked, axis=-1))
 
 
 def contrastive_loss(kind: str, out):

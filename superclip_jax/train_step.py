@@ -64,7 +64,8 @@ class StepLoss:
           if self.mesh is not None and self.mesh.size > 1
           else losses.contrastive_loss(self.contrastive, out))
     if self.has_head:
-      terms["class_loss"] = losses.idf_class_loss(out["class_logits"], targets, idf_weights)
+      terms["class_loss"] = losses.sparse_idf_class_loss(out["class_logits"], *targets,
+                                                         idf_weights)
     return terms
 
   def total(self, terms):
@@ -102,8 +103,8 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
   targets = idf_weights = None
   if loss.has_head:
     # Counts see the whole global batch before the weights are computed (as the reference).
-    targets = losses.multi_hot(batch["class_tokens"], loss.vocab)
-    idf = idf.update(targets)
+    targets = losses.class_targets(batch["class_tokens"])
+    idf = idf.add_captions(*targets)
     idf_weights = idf.weights() if use_idf else jnp.ones((loss.vocab,), jnp.float32)
   if accum_steps == 1:
     (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(

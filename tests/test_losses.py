@@ -75,6 +75,65 @@ def test_idf_class_loss_matches_numpy_and_zero_rows_contribute_zero():
   np.testing.assert_allclose(got, ref.idf_class_loss(logits, targets, idf), rtol=1e-5)
 
 
+def _captions(rng, batch, length, vocab):
+  """Token rows as the tokenizer writes them: SOT, ids with repeats (a small vocab), EOT,
+  padding 0; one row fills the context, one holds a real "!" (id 0) before EOT."""
+  tokens = np.zeros((batch, length), np.int32)
+  for r in range(batch):
+    n = length - 1 if r == 0 else int(rng.integers(1, length - 1))
+    tokens[r, 0], tokens[r, 1:n], tokens[r, n] = vocab - 2, rng.integers(0, 9, n - 1), vocab - 1
+  tokens[1, 1] = 0
+  return tokens
+
+
+def test_distinct_tokens_mark_exactly_the_multi_hot_ids_once_each():
+  rng = np.random.default_rng(3)
+  vocab = 64
+  tokens = _captions(rng, 12, 10, vocab)
+  distinct = np.asarray(losses.distinct_tokens(jnp.asarray(tokens)))
+  dense = np.asarray(losses.multi_hot(jnp.asarray(tokens), vocab))
+  for r in range(len(tokens)):
+    marked = tokens[r][distinct[r]]
+    assert len(set(marked)) == len(marked)  # each id once
+    assert set(marked) == set(np.flatnonzero(dense[r]))
+
+
+def test_sparse_class_loss_and_its_gradient_equal_the_dense_loss_and_numpy():
+  rng = np.random.default_rng(4)
+  vocab, batch = 64, 12
+  tokens = _captions(rng, batch, 10, vocab)
+  tokens[2, 1:3] = [vocab - 1, 0]  # a caption with no words (SOT EOT) and one ...
+  idf = rng.random(vocab).astype(np.float32) * 3
+  idf[[vocab - 2, vocab - 1, 5]] = 0.0  # ... whose only word has zero weight: the row adds 0
+  tokens[3, 1:3] = [5, vocab - 1]
+  logits = jnp.asarray(rng.normal(size=(batch, vocab)) * 3, jnp.float32)
+  dense = losses.multi_hot(jnp.asarray(tokens), vocab)
+
+  def sparse(z):
+    return losses.sparse_idf_class_loss(z, *losses.class_targets(jnp.asarray(tokens)), idf)
+
+  got, grad = jax.value_and_grad(sparse)(logits)
+  want, want_grad = jax.value_and_grad(lambda z: losses.idf_class_loss(z, dense, idf))(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got, ref.idf_class_loss(np.asarray(logits, np.float64),
+                                                     np.asarray(dense, np.float64), idf),
+                             rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+  assert not np.asarray(grad)[3].any()  # the zero-weight row has no gradient
+
+
+def test_idf_counts_from_sparse_captions_equal_the_dense_update_exactly():
+  rng = np.random.default_rng(5)
+  vocab = 64
+  dense = sparse = IdfCounts.zeros(vocab)
+  for _ in range(3):
+    tokens = jnp.asarray(_captions(rng, 16, 10, vocab))
+    dense = dense.update(losses.multi_hot(tokens, vocab))
+    sparse = sparse.add_captions(*losses.class_targets(tokens))
+  assert list(sparse.doc_freq.value()) == list(dense.doc_freq.value())
+  assert sparse.num_docs.value() == dense.num_docs.value() == 48
+
+
 def test_exact_count_is_exact_beyond_2_pow_40():
   start = 2**40 - 5
   count = ExactCount(jnp.array([start & 0xFFFFFFFF], jnp.uint32),

@@ -1,3 +1,5 @@
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +150,23 @@ def test_bad_input_shapes_are_clear_errors():
     model.apply({"params": params}, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 12), jnp.int32))
   with pytest.raises(ValueError, match=r"tokens must be \[batch, 12\]"):
     model.apply({"params": params}, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 77), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_equals_flax_dense_in_parameters_outputs_and_gradients(dtype):
+  # models.Dense only changes how the bias gradient is summed (ones @ g, float32).
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16))
+  init = nn.initializers.normal(0.5)
+  ours = models.Dense(24, dtype=dtype, kernel_init=init, bias_init=init)
+  flax_dense = nn.Dense(24, dtype=dtype, kernel_init=init, bias_init=init)
+  params = ours.init(jax.random.key(2), x)
+  want = flax_dense.init(jax.random.key(2), x)
+  chex.assert_trees_all_equal(params, want)  # same names, shapes, dtypes and initial values
+
+  def loss(module):
+    return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+  got = jax.value_and_grad(loss(ours), argnums=(0, 1))(params, x)
+  ref_value = jax.value_and_grad(loss(flax_dense), argnums=(0, 1))(params, x)
+  assert ours.apply(params, x).dtype == flax_dense.apply(params, x).dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  chex.assert_trees_all_close(got, ref_value, rtol=tol, atol=tol)

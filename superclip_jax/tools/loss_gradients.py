@@ -40,8 +40,8 @@ def loss_gradients(config, params, idf, batches, seed: int = 0) -> dict[str, dic
 
   @jax.jit
   def grads(params, idf, batch):
-    targets = losses.multi_hot(batch["class_tokens"], loss.vocab)
-    idf = idf.update(targets)
+    targets = losses.class_targets(batch["class_tokens"])
+    idf = idf.add_captions(*targets)
     weights = idf.weights() if config.loss.use_idf else jnp.ones((loss.vocab,), jnp.float32)
     rng = jax.random.PRNGKey(seed)
 
