@@ -40,7 +40,7 @@ RESULT = "result.json"
 # The default study, when --config is left at the demo (docs/study.md; fields named on the
 # command line win):
 # - the demo's "mu" towers (width 64, 2 layers; 2.4x the demo model's pairs/s) at twice its
-#   lr, so that the whole default grid takes about an hour on 2 CPU cores (64 min measured);
+#   lr, so that the whole default grid takes under an hour on 2 CPU cores (49 min measured);
 # - short captions that name the position alone: with the demo's own mix (which names colour
 #   in most captions) both models learn colour and nothing else at this budget, so the grid
 #   could not show the head's effect either way. The long captions are the demo's (every
