@@ -30,6 +30,7 @@ import functools
 import gc
 import queue
 import threading
+import time
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -265,7 +266,23 @@ class InputStopped(Exception):
 
 
 _END = object()
-_CLOSE_SECONDS = 60  # how long closing waits for the batch being read (a stalled read: no more)
+_CLOSE_SECONDS = 60  # how long exit waits for closed readers to free their iterators
+# Readers whose generator was closed and that are freeing their tf.data iterator. Freeing one
+# waits for tf.data's autotuning thread, 2-26 s after a run of a few minutes (half the demo
+# runs measured, none with autotuning off), so closing does not wait for it: the next run in
+# the process (the study's) starts at once, and exit waits (`_join_closing_readers`).
+_CLOSING: set[threading.Thread] = set()
+
+
+def _join_closing_readers() -> None:
+  """At exit, before the interpreter tears down: lets closed readers finish freeing their
+  iterators (tf.data torn down during finalization can deadlock), up to _CLOSE_SECONDS."""
+  deadline = time.monotonic() + _CLOSE_SECONDS
+  for reader in list(_CLOSING):
+    reader.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_join_closing_readers)
 
 
 def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], bool] | None = None,
@@ -276,8 +293,9 @@ def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], boo
   only once a batch comes, which for input that never comes is never. While waiting, a true
   `stop()` raises InputStopped. A training stream that ended raises why (a
   bad_records.TooManySkipped). The thread lets go of the iterator when it stops reading (the
-  generator closed: after the batch being read), and the generator waits for that unless a
-  read is stalled: tf.data torn down at interpreter exit can deadlock.
+  generator closed: after the batch being read); closing does not wait for that, exit does
+  (`_join_closing_readers`) unless a read is stalled: tf.data torn down at interpreter exit
+  can deadlock.
   """
   holder = [iterator]
   del iterator  # only the reader holds it
@@ -332,7 +350,8 @@ def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], boo
   finally:
     closed.set()
     if reader_done:
-      reader.join(_CLOSE_SECONDS)
+      _CLOSING.difference_update([t for t in _CLOSING if not t.is_alive()])
+      _CLOSING.add(reader)
 
 
 def prefetch_to_device(iterator: Iterator[dict], sharding, size: int = 2,
