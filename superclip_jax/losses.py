@@ -95,6 +95,12 @@ def idf_weights(doc_freq, num_docs):
   return jnp.log1p(num_docs) - jnp.log1p(doc_freq)
 
 
+def _l1_normalise(weighted):
+  """Rows of non-negative weights over their sum; a row summing to 0 stays 0."""
+  norm = jnp.sum(weighted, axis=-1, keepdims=True)
+  return jnp.where(norm > 0, weighted / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
 def idf_class_loss(class_logits, targets, idf):
   """SuperCLIP's classification loss.
 
@@ -102,9 +108,7 @@ def idf_class_loss(class_logits, targets, idf):
   Targets are weighted by idf and L1-normalised per row (a row whose weighted sum is 0
   contributes 0); returns the mean over the batch of -sum(t * log_softmax(logits)).
   """
-  weighted = targets.astype(jnp.float32) * idf.astype(jnp.float32)[None, :]
-  norm = jnp.sum(weighted, axis=-1, keepdims=True)
-  t = jnp.where(norm > 0, weighted / jnp.where(norm > 0, norm, 1.0), 0.0)
+  t = _l1_normalise(targets.astype(jnp.float32) * idf.astype(jnp.float32)[None, :])
   logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.sum(t * logp, axis=-1))
 
@@ -121,9 +125,7 @@ def sparse_idf_class_loss(class_logits, tokens, distinct, idf):
   passes over [batch, vocab] were most of the head's cost (docs/performance.md).
   """
   logits = class_logits.astype(jnp.float32)
-  weighted = jnp.where(distinct, idf.astype(jnp.float32)[tokens], 0.0)
-  norm = jnp.sum(weighted, axis=-1, keepdims=True)
-  t = jnp.where(norm > 0, weighted / jnp.where(norm > 0, norm, 1.0), 0.0)
+  t = _l1_normalise(jnp.where(distinct, idf.astype(jnp.float32)[tokens], 0.0))
   picked = jnp.take_along_axis(logits, tokens, axis=-1)
   lse = jax.nn.logsumexp(logits, axis=-1)
   return jnp.mean(jnp.sum(t, axis=-1) * lse - jnp.sum(t * picked, axis=-1))

@@ -108,7 +108,7 @@ def add_bias(y, bias):
 
   Autodiff would sum the output gradient over every leading row (a column reduction), which
   XLA:CPU runs an order of magnitude slower than the same sum as ones @ g: for the class
-  head's [batch, 49408] gradient that was a fifth of the demo's train step
+  head's [128, 49408] gradient that was a fifth of the study's mu/8 train step
   (docs/performance.md). The sum accumulates in float32 whatever the dtype.
   """
   return y + bias
@@ -385,8 +385,8 @@ class ClassHead(nn.Module):
       x = x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, name=f"blocks_{i}")(y)
     x = _layer_norm("ln")(x).astype(self.dtype)
     logits = Dense(self.vocab_size, dtype=self.dtype,
-                      kernel_init=nn.initializers.normal(width ** -0.5),
-                      bias_init=nn.initializers.zeros, name="dense")(x)
+                   kernel_init=nn.initializers.normal(width ** -0.5),
+                   bias_init=nn.initializers.zeros, name="dense")(x)
     return logits.astype(jnp.float32)
 
 
