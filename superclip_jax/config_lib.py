@@ -113,8 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
       # (long_captions_for_head aside); the study's "long only" regime. templates: the
       # training split's short captions, '|'-separated, with the fields {size} {colour}
       # {shape} {pos} {bg} ('' = the built-in mix, data/demo.py); e.g. 'a shape in the {pos}'.
+      # long_template: the long caption (training and the evals' long captions), one template
+      # with those fields and {colour2} {shape2} {pos2} ('' = the built-in one, every field).
       demo=ml_collections.ConfigDict(dict(seed=0, long_captions_for_head=False,
-                                          caption="short", templates="")),
+                                          caption="short", templates="", long_template="")),
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ((".*", "replicate"),)
@@ -259,9 +261,19 @@ def validate(config) -> None:
   caption = config.input.get("demo", {}).get("caption", "short")
   if caption not in ("short", "long"):
     raise ValueError(f"config.input.demo.caption={caption!r}: use 'short' or 'long'")
-  if config.input.get("demo", {}).get("templates"):
+  if config.input.get("demo", {}).get("templates") or config.input.get("demo", {}).get(
+      "long_template"):
     from superclip_jax.data import demo
-    demo.parse_templates(config.input.demo.templates)  # a bad template fails here, named
+    demo.parse_templates(config.input.demo.get("templates"))  # a bad one fails here, named
+    long_template = demo.parse_long_template(config.input.demo.get("long_template"))
+    if config.input.demo.get("long_template"):
+      from superclip_jax import tokenizer  # the BPE vocabulary loads only when validating a run
+      needed = demo.longest_long_caption(long_template, tokenizer.encode) + 2
+      if needed > config.model.context_length:
+        raise ValueError(
+            f"config.model.context_length={config.model.context_length} is too short for "
+            f"config.input.demo.long_template {long_template!r}: its longest caption needs "
+            f"{needed} tokens; raise context_length or shorten the template")
   from superclip_jax.data import position, spec  # data imports only when validating a run
   spec.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:

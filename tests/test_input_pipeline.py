@@ -546,6 +546,43 @@ def test_demo_templates_choose_the_training_captions():
       config_lib.validate(config)
 
 
+def test_demo_long_template_sets_the_long_caption_and_leaves_the_images():
+  """config.input.demo.long_template: the head's long caption (and the evals' long captions) is
+  the template filled with the example's own attributes (drawn here from the generator's rng,
+  independently of the pipeline); the images are the built-in caption's, bit for bit."""
+  template = "a {size} {shape} in the {pos} next to a {shape2} in the {pos2}"
+  config = _config("demo", batch=8)
+  config.model.context_length = 24
+  config.input.demo.long_captions_for_head = True
+  default = _batches(input_pipeline.train_dataset(config), 1)[0]
+  config.input.demo.long_template = template
+  config_lib.validate(config)
+  got = _batches(input_pipeline.train_dataset(config), 1)[0]
+  np.testing.assert_array_equal(got["image"], default["image"])
+  np.testing.assert_array_equal(got["tokens"], default["tokens"])  # the short captions
+  seed = config.input.demo.seed
+  for i, caption in enumerate(tokenizer.decode(got["class_tokens"].tolist())):
+    assert caption == template.format(**demo.sample_attributes(demo._rng(seed, "train", i)))
+  evals = list(demo.eval_examples(config, "zeroshot", 0, 3, ("long_caption",))
+               .as_numpy_iterator())
+  for i, ex in enumerate(evals):
+    attrs = demo.sample_attributes(demo._rng(seed, "zeroshot", i))
+    assert ex["long_caption"].decode() == template.format(**attrs)
+  # The built-in long caption's bound holds for every example, and is reached by one.
+  lengths = [len(tokenizer.encode(demo.example(seed, "train", i, SIZE)["long_caption"]))
+             for i in range(300)]
+  assert max(lengths) <= demo.longest_long_caption(demo._LONG_TEMPLATE, tokenizer.encode)
+  for bad, why in (("a {shape}|a {pos}", "one template"), ("a plain caption", "names no field"),
+                   ("a {weight} thing", "weight"), ("a {shape", "not a caption template")):
+    config.input.demo.long_template = bad
+    with pytest.raises(ValueError, match=rf"config\.input\.demo\.long_template.*{why}"):
+      config_lib.validate(config)
+  config.input.demo.long_template = template + " on a {bg} background and " + template
+  with pytest.raises(ValueError, match=r"context_length=24 is too short for "
+                                       r"config\.input\.demo\.long_template.*needs 3\d tokens"):
+    config_lib.validate(config)
+
+
 def test_batches_reach_the_devices_and_advance_the_position_in_a_jitted_step(damaged_shards):
   """What the train loop does: global arrays from prefetch_to_device, the table advanced in
   the step."""

@@ -68,6 +68,7 @@ _CENTRES = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": 
 
 
 _FIELDS = ("size", "colour", "shape", "pos", "bg")
+_LONG_FIELDS = _FIELDS + ("colour2", "shape2", "pos2")  # and the second object's
 
 
 def parse_templates(templates: str | None) -> tuple[str, ...]:
@@ -87,6 +88,36 @@ def parse_templates(templates: str | None) -> tuple[str, ...]:
           f"'|'-separated templates using the fields {fields}, e.g. "
           "'a {colour} {shape}|a shape in the {pos}'") from None
   return parsed
+
+
+def parse_long_template(template: str | None) -> str:
+  """config.input.demo.long_template ('' or None: the built-in long caption, which names every
+  attribute of both objects). One template: choosing among several would draw from the
+  example's rng and so change its image."""
+  if not template:
+    return _LONG_TEMPLATE
+  try:
+    if "|" in template:
+      raise ValueError("one template, not '|'-separated ones")
+    if template.format(**{f: f for f in _LONG_FIELDS}) == template:
+      raise ValueError("it names no field")
+  except (KeyError, IndexError, ValueError) as e:
+    fields = " ".join("{" + f + "}" for f in _LONG_FIELDS)
+    raise ValueError(
+        f"config.input.demo.long_template: {template!r} is not a caption template ({e}): "
+        f"write one template using the fields {fields}, e.g. 'a photo of a {{size}} {{shape}} "
+        "in the {pos} of the image, next to a small {shape2} in the {pos2}'") from None
+  return template
+
+
+def longest_long_caption(template: str, encode) -> int:
+  """Tokens (by `encode`, without start and end) of `template` filled with each field's
+  longest value: what the context must hold for every long caption."""
+  values = {"size": SIZES, "colour": COLOUR_NAMES, "shape": SHAPES, "pos": POSITIONS,
+            "bg": tuple(BACKGROUNDS), "colour2": COLOUR_NAMES, "shape2": SHAPES,
+            "pos2": POSITIONS}
+  longest = {f: max(v, key=lambda x: len(encode(x))) for f, v in values.items()}
+  return len(encode(template.format(**longest)))
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -148,13 +179,15 @@ def render(attrs: dict, image_size: int, rng: np.random.Generator) -> np.ndarray
 
 
 def example(seed: int, split: str, index: int, image_size: int,
-            templates: tuple[str, ...] = _SHORT_TEMPLATES) -> dict:
+            templates: tuple[str, ...] = _SHORT_TEMPLATES,
+            long_template: str = _LONG_TEMPLATE) -> dict:
   """One example: image uint8 [H, W, 3], caption, long_caption, and the attribute labels.
-  `templates`: the short caption's choices (`parse_templates`)."""
+  `templates`: the short caption's choices (`parse_templates`); `long_template`: the long
+  caption's (`parse_long_template`). Neither changes the image."""
   rng = _rng(seed, split, index)
   a = sample_attributes(rng)
   caption = templates[rng.integers(len(templates))].format(**a)
-  long_caption = _LONG_TEMPLATE.format(**a)
+  long_caption = long_template.format(**a)
   return {
       "image": render(a, image_size, rng),
       "caption": caption,
@@ -166,9 +199,10 @@ def example(seed: int, split: str, index: int, image_size: int,
 
 
 def batch(seed: int, split: str, indices, image_size: int,
-          templates: tuple[str, ...] = _SHORT_TEMPLATES) -> dict:
+          templates: tuple[str, ...] = _SHORT_TEMPLATES,
+          long_template: str = _LONG_TEMPLATE) -> dict:
   """Examples for `indices` stacked: image [n, H, W, 3] uint8, captions as bytes arrays."""
-  exs = [example(seed, split, int(i), image_size, templates) for i in indices]
+  exs = [example(seed, split, int(i), image_size, templates, long_template) for i in indices]
   out = {k: np.stack([e[k] for e in exs]) for k in ("image", "colour", "shape", "position")}
   for k in ("caption", "long_caption"):
     out[k] = np.array([e[k].encode() for e in exs], dtype=object)
@@ -182,14 +216,15 @@ def batch(seed: int, split: str, indices, image_size: int,
 # As tf.data.
 
 def tf_batch(seed: int, split: str, indices, image_size: int,
-             fields: tuple[str, ...], templates: tuple[str, ...] = _SHORT_TEMPLATES) -> dict:
+             fields: tuple[str, ...], templates: tuple[str, ...] = _SHORT_TEMPLATES,
+             long_template: str = _LONG_TEMPLATE) -> dict:
   """`batch` as a TensorFlow op: indices int64 [n] -> {'image': uint8 [n, S, S, 3], and each
   of `fields` (caption, long_caption: string [n]; colour, shape, position: int32 [n])}."""
   types = {"caption": tf.string, "long_caption": tf.string, "colour": tf.int32,
            "shape": tf.int32, "position": tf.int32}
 
   def render(idx):
-    b = batch(seed, split, idx, image_size, templates)
+    b = batch(seed, split, idx, image_size, templates, long_template)
     return (b["image"], *(b[f] for f in fields))
 
   image, *values = tf.numpy_function(render, [indices], [tf.uint8, *(types[f] for f in fields)],
@@ -210,10 +245,11 @@ def train_rows(config, start: int, process_index: int, process_count: int) -> tf
       lambda i: tf.range(i, i + local))
 
   templates = parse_templates(config.input.demo.get("templates"))
+  long_template = parse_long_template(config.input.demo.get("long_template"))
 
   def render(idx):
     b = tf_batch(config.input.demo.seed, "train", idx, config.model.image_size,
-                 ("caption", "long_caption"), templates)
+                 ("caption", "long_caption"), templates, long_template)
     if config.input.demo.get("caption", "short") == "long":
       b["caption"] = b["long_caption"]
     # The demo resumes from examples_seen; its position rows are unused.
@@ -226,8 +262,11 @@ def eval_examples(config, split: str, start: int, stop: int,
                   fields: tuple[str, ...]) -> tf.data.Dataset:
   """Examples start..stop-1 of a demo split at the model's size, unbatched: image float32
   [S, S, 3] (CLIP-normalised), bad bool (always False), and each of `fields`."""
+  long_template = parse_long_template(config.input.demo.get("long_template"))
+
   def to_examples(indices):
-    b = tf_batch(config.input.demo.seed, split, indices, config.model.image_size, fields)
+    b = tf_batch(config.input.demo.seed, split, indices, config.model.image_size, fields,
+                 long_template=long_template)
     return {"image": transforms.normalize(b["image"]),
             "bad": tf.zeros([tf.shape(b["image"])[0]], bool), **{f: b[f] for f in fields}}
 
