@@ -71,23 +71,31 @@ _FIELDS = ("size", "colour", "shape", "pos", "bg")
 _LONG_FIELDS = _FIELDS + ("colour2", "shape2", "pos2")  # and the second object's
 
 
+def _check_template(template: str, fields: tuple[str, ...], option: str, how: str,
+                    single: bool = False) -> str:
+  """`template` if it is a caption template naming some of `fields` (`single`: and not
+  several, '|'-separated); else a ValueError naming config.input.demo.`option` and saying
+  `how` to write one."""
+  try:
+    if single and "|" in template:
+      raise ValueError("one template, not '|'-separated ones")
+    if not template or template.format(**{f: f for f in fields}) == template:
+      raise ValueError("it names no field")
+  except (KeyError, IndexError, ValueError) as e:
+    names = " ".join("{" + f + "}" for f in fields)
+    raise ValueError(f"config.input.demo.{option}: {template!r} is not a caption template "
+                     f"({e}): write {how.format(fields=names)}") from None
+  return template
+
+
 def parse_templates(templates: str | None) -> tuple[str, ...]:
   """config.input.demo.templates ('|'-separated; '' or None: the built-in short templates)."""
   if not templates:
     return _SHORT_TEMPLATES
-  parsed = tuple(t.strip() for t in templates.split("|"))
-  example_fields = {f: f for f in _FIELDS}
-  for t in parsed:
-    try:
-      if not t or t.format(**example_fields) == t:
-        raise ValueError("it names no field")
-    except (KeyError, IndexError, ValueError) as e:
-      fields = " ".join("{" + f + "}" for f in _FIELDS)
-      raise ValueError(
-          f"config.input.demo.templates: {t!r} is not a caption template ({e}): write "
-          f"'|'-separated templates using the fields {fields}, e.g. "
-          "'a {colour} {shape}|a shape in the {pos}'") from None
-  return parsed
+  how = ("'|'-separated templates using the fields {fields}, e.g. "
+         "'a {{colour}} {{shape}}|a shape in the {{pos}}'")
+  return tuple(_check_template(t.strip(), _FIELDS, "templates", how)
+               for t in templates.split("|"))
 
 
 def parse_long_template(template: str | None) -> str:
@@ -96,18 +104,9 @@ def parse_long_template(template: str | None) -> str:
   example's rng and so change its image."""
   if not template:
     return _LONG_TEMPLATE
-  try:
-    if "|" in template:
-      raise ValueError("one template, not '|'-separated ones")
-    if template.format(**{f: f for f in _LONG_FIELDS}) == template:
-      raise ValueError("it names no field")
-  except (KeyError, IndexError, ValueError) as e:
-    fields = " ".join("{" + f + "}" for f in _LONG_FIELDS)
-    raise ValueError(
-        f"config.input.demo.long_template: {template!r} is not a caption template ({e}): "
-        f"write one template using the fields {fields}, e.g. 'a photo of a {{size}} {{shape}} "
-        "in the {pos} of the image, next to a small {shape2} in the {pos2}'") from None
-  return template
+  how = ("one template using the fields {fields}, e.g. 'a photo of a {{size}} {{shape}} in "
+         "the {{pos}} of the image next to a small {{shape2}} in the {{pos2}}'")
+  return _check_template(template, _LONG_FIELDS, "long_template", how, single=True)
 
 
 def longest_long_caption(template: str, encode) -> int:
