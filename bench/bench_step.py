@@ -110,7 +110,7 @@ def main(argv):
   if FLAGS.compare == "bigvision":  # before any compiling: a wrong path or dtype fails at once
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bigvision_compare  # pylint: disable=import-outside-toplevel
-    bigvision_compare.check(config, FLAGS.bigvision_path)
+    two_towers = bigvision_compare.check(config, FLAGS.bigvision_path)
   info = versions.collect()
   print(versions.summary(info), flush=True)
   dtype = jnp.dtype(config.model.dtype)
@@ -122,7 +122,7 @@ def main(argv):
     runs.append(prepare(config, mode, mesh))
   if FLAGS.compare == "bigvision":
     print("compiling big_vision's two towers ...", flush=True)
-    runs.append(bigvision_compare.prepare(config, runs[0]["batch"], FLAGS.bigvision_path))
+    runs.append(bigvision_compare.prepare(config, runs[0]["batch"], two_towers))
   for run in runs:
     for _ in range(FLAGS.warmup):
       run_step(run)

@@ -92,12 +92,13 @@ def make_step(model, tx):
   return step
 
 
-def prepare(config, batch: dict, path: str) -> dict:
+def prepare(config, batch: dict, two_towers) -> dict:
   """A bench_step run (compiled step, state, batch, compile seconds, FLOPs) of big_vision's
-  two-towers model at `config`'s sizes, on the device batch `batch` (image, tokens)."""
+  two-towers model (`two_towers`, from `check`) at `config`'s sizes, on the device batch
+  `batch` (image, tokens)."""
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  two_towers = check(config, path)
+  from superclip_jax import mfu  # pylint: disable=import-outside-toplevel
   model = two_towers.Model(**model_kwargs(config))
   batch = {"image": batch["image"], "tokens": batch["tokens"]}
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"][:1],
@@ -109,8 +110,7 @@ def prepare(config, batch: dict, path: str) -> dict:
   lowered = step.lower(state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"mode": "big_vision", "attention": "its own", "step": compiled, "state": state,
-          "batch": batch, "compile_s": compile_s, "flops": float(cost["flops"]), "times": [],
+          "batch": batch, "compile_s": compile_s,
+          "flops": mfu.cost_flops(lowered.cost_analysis()), "times": [],
           "params": sum(x.size for x in jax.tree_util.tree_leaves(params))}

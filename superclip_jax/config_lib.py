@@ -261,19 +261,11 @@ def validate(config) -> None:
   caption = config.input.get("demo", {}).get("caption", "short")
   if caption not in ("short", "long"):
     raise ValueError(f"config.input.demo.caption={caption!r}: use 'short' or 'long'")
-  if config.input.get("demo", {}).get("templates") or config.input.get("demo", {}).get(
-      "long_template"):
+  demo_config = config.input.get("demo", {})
+  if demo_config.get("templates") or demo_config.get("long_template"):
     from superclip_jax.data import demo
-    demo.parse_templates(config.input.demo.get("templates"))  # a bad one fails here, named
-    long_template = demo.parse_long_template(config.input.demo.get("long_template"))
-    if config.input.demo.get("long_template"):
-      from superclip_jax import tokenizer  # the BPE vocabulary loads only when validating a run
-      needed = demo.longest_long_caption(long_template, tokenizer.encode) + 2
-      if needed > config.model.context_length:
-        raise ValueError(
-            f"config.model.context_length={config.model.context_length} is too short for "
-            f"config.input.demo.long_template {long_template!r}: its longest caption needs "
-            f"{needed} tokens; raise context_length or shorten the template")
+    demo.parse_templates(demo_config.get("templates"))  # a bad one fails here, named
+    demo.parse_long_template(demo_config.get("long_template"))
   from superclip_jax.data import position, spec  # data imports only when validating a run
   spec.mixture(config.input.data)  # a malformed data spec fails here, named
   if config.input.batch_size <= 0:
@@ -395,7 +387,8 @@ def _check_run_limits(config) -> None:
 
 
 def _check_context_length(config) -> None:
-  """Room for the start and end tokens, and for every label template with a one-token name."""
+  """Room for the start and end tokens, for every label template with a one-token name, and
+  for the demo's long caption when its template is set."""
   context = config.model.context_length
   if not isinstance(context, int) or context < 3:
     raise ValueError(f"config.model.context_length={context!r}: use an integer of at least 3 "
@@ -407,3 +400,12 @@ def _check_context_length(config) -> None:
       raise ValueError(f"config.model.context_length={context} is too short for the label "
                        f"template {template!r}: it needs {needed} tokens with a one-token class "
                        "name; raise context_length or shorten config.input.label_templates")
+  long_template = config.input.get("demo", {}).get("long_template")
+  if long_template:  # parsed above (validate)
+    from superclip_jax.data import demo
+    needed = demo.longest_long_caption(long_template, tokenizer.encode) + 2
+    if needed > context:
+      raise ValueError(
+          f"config.model.context_length={context} is too short for "
+          f"config.input.demo.long_template {long_template!r}: its longest caption needs "
+          f"{needed} tokens; raise context_length or shorten the template")

@@ -73,7 +73,8 @@ _MEASURED_PEAKS: dict = {}
 _MODEL_FLOPS: dict = {}  # (config JSON, batch shapes) -> FLOPs: lowering costs seconds
 
 
-def _flops(cost) -> float:
+def cost_flops(cost) -> float:
+  """FLOPs from a `cost_analysis()` result (a dict, or a list holding one)."""
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 
@@ -101,7 +102,7 @@ def _model_flops_per_step(config, abstract_batch: dict) -> float:
   factory = train_state.StateFactory(unrolled, mesh)
   step = train_step.make_train_step(unrolled, factory.model, factory.tx, factory.schedule)
   batch = {k: v for k, v in abstract_batch.items() if not k.startswith("_")}
-  return _flops(jax.jit(step).lower(factory.abstract, batch).cost_analysis())
+  return cost_flops(jax.jit(step).lower(factory.abstract, batch).cost_analysis())
 
 
 def peak_memory_bytes(compiled=None) -> tuple[int | None, str]:

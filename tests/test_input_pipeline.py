@@ -568,7 +568,7 @@ def test_demo_long_template_sets_the_long_caption_and_leaves_the_images():
   for i, ex in enumerate(evals):
     attrs = demo.sample_attributes(demo._rng(seed, "zeroshot", i))
     assert ex["long_caption"].decode() == template.format(**attrs)
-  # The built-in long caption's bound holds for every example, and is reached by one.
+  # The built-in long caption's bound holds for every example.
   lengths = [len(tokenizer.encode(demo.example(seed, "train", i, SIZE)["long_caption"]))
              for i in range(300)]
   assert max(lengths) <= demo.longest_long_caption(demo._LONG_TEMPLATE, tokenizer.encode)
