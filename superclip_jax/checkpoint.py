@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import json
 import logging as std_logging
 import os
 import re
@@ -27,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from superclip_jax import fs
+from superclip_jax import fs, train_step
 
 CONFIG_FILE = "config.json"
 UNUSABLE_DIR = "unusable_checkpoints"  # checkpoints that failed to restore, moved aside
@@ -47,7 +46,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = fs.join(workdir, CONFIG_FILE)
   if not fs.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a superclip_jax workdir?")
-  return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
+  return ml_collections.ConfigDict(fs.read_json(path))
 
 
 class Checkpointer:
@@ -373,10 +372,7 @@ def _sums(x):
   return jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
 
 
-@jax.jit
-def _all_finite(leaves):
-  checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+_all_finite = jax.jit(train_step.all_finite)  # the train step's own check of what it keeps
 
 
 def _verify(restored: dict, saved: dict | None, where) -> None:

@@ -62,7 +62,7 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
   nothing, when checkpoints exist and a field in STATE_FIELDS differs.
   """
   path = fs.join(workdir, checkpoint.CONFIG_FILE)
-  saved = json.loads(fs.read_text(path)) if fs.exists(path) else None
+  saved = fs.read_json(path) if fs.exists(path) else None
   diff = {} if saved is None else changes(flatten(saved), flatten(config))
   if latest_step is not None and diff:
     shape = {k: v for k, v in diff.items() if k in STATE_FIELDS or (

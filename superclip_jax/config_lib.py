@@ -371,10 +371,63 @@ def _is_demo_data(value) -> bool:
   return hasattr(value, "get") and value.get("source") == "demo"
 
 
+# Numeric fields and the range each must lie in: (dotted field, low, high, low/high open?,
+# why). Every one must also be finite: a NaN passes every comparison, and an lr or eps of NaN
+# makes every update NaN.
+NUMBER_RANGES = (
+    ("lr", 0.0, math.inf, False, "0 keeps the weights fixed; a negative one climbs the loss"),
+    ("wd", 0.0, math.inf, False, "decoupled weight decay, e.g. 0.2"),
+    ("grad_clip_norm", 0.0, math.inf, False, "0 is off"),
+    ("optax.b1", 0.0, 1.0, (False, True), "Adam's first-moment decay, e.g. 0.9"),
+    ("optax.b2", 0.0, 1.0, (False, True), "Adam's second-moment decay, e.g. 0.98"),
+    ("optax.eps", 0.0, math.inf, (True, False),
+     "Adam divides by sqrt(nu) + eps: 0 makes a zero gradient 0/0; e.g. 1e-6"),
+    ("schedule.warmup_steps", 0, math.inf, False, "steps of linear warm-up"),
+    ("loss.class_weight", 0.0, math.inf, False, "lambda in contrastive + lambda * class"),
+    ("model.logit_scale_init", -math.inf, math.inf, False, "ln of the initial logit scale"),
+    ("model.logit_bias", -math.inf, math.inf, False, "SigLIP's initial bias, e.g. -10.0"),
+    ("keep_ckpt_steps", 0, math.inf, False, "0 keeps none forever"),
+    ("preemption_check_steps", 1, math.inf, False, "steps between preemption checks"),
+    ("preemption_barrier_seconds", 0.0, math.inf, (True, False),
+     "seconds before a silent peer counts as dead"),
+)
+
+
+def _check_numbers(config) -> None:
+  """Every field of NUMBER_RANGES (where the config has it) is a finite number in its range;
+  so are the wd_mults multipliers and input.crop_scale."""
+  def fail(field, value, rule):
+    raise ValueError(f"config.{field}={value!r}: {rule}")
+
+  for field, low, high, open_, why in NUMBER_RANGES:
+    node = config
+    for key in field.split("."):
+      node = node.get(key) if hasattr(node, "get") else None
+    if node is None:  # not in this config (or an unset optional, as logit_bias for softmax)
+      continue
+    open_low, open_high = open_ if isinstance(open_, tuple) else (open_, open_)
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+      fail(field, node, f"use a finite number ({why})")
+    if node < low or node > high or (open_low and node == low) or (open_high and node == high):
+      if high == math.inf:
+        bounds = f"{'>' if open_low else '>='} {low}"
+      else:
+        bounds = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+      fail(field, node, f"use a number {bounds} ({why})")
+  for rule in config.get("wd_mults", ()):
+    mult = rule[1] if len(rule) == 2 else None
+    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not (
+        math.isfinite(mult) and mult >= 0):
+      fail("wd_mults", rule, "each rule is (regex, multiplier) with a finite multiplier >= 0")
+  scale = tuple(config.input.get("crop_scale", (0.9, 1.0)))
+  if len(scale) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in scale
+                                ) or not 0 < scale[0] <= scale[1] <= 1:
+    fail("input.crop_scale", scale, "use (low, high) with 0 < low <= high <= 1, the fraction "
+         "of the image a training crop covers, e.g. (0.9, 1.0)")
+
+
 def _check_run_limits(config) -> None:
-  if config.lr < 0:
-    raise ValueError(f"config.lr={config.lr} is negative (it would climb the loss); use a "
-                     "positive learning rate, or 0 to keep the weights fixed")
+  _check_numbers(config)
   if int(config.keep_ckpts) < 1:
     raise ValueError(f"config.keep_ckpts={config.keep_ckpts} keeps no checkpoint, so a restart "
                      "would start from scratch; use 1 or more (keep_ckpt_steps adds kept ones)")
@@ -394,7 +447,10 @@ def _check_context_length(config) -> None:
     raise ValueError(f"config.model.context_length={context!r}: use an integer of at least 3 "
                      "(start token, a word, end token); OpenCLIP's models use 77")
   from superclip_jax import tokenizer  # the BPE vocabulary loads only when validating a run
-  for template in config.input.get("label_templates", ()):
+  from superclip_jax.data import spec
+  templates = spec.check_templates(config.input.get("label_templates", spec.DEFAULT_TEMPLATES),
+                                   "config.input.label_templates")
+  for template in templates:
     needed = len(tokenizer.encode(template.format("x"))) + 2
     if needed > context:
       raise ValueError(f"config.model.context_length={context} is too short for the label "

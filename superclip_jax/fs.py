@@ -89,6 +89,19 @@ def read_text(path) -> str:
   return _read(path, "r")
 
 
+def read_json(path):
+  """The JSON value in `path`; a damaged file (cut short, not JSON) is a ValueError naming it."""
+  import json  # pylint: disable=g-import-not-at-top
+  text = read_text(path)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}"
+                     f"; {len(text):,} characters): it was cut short or edited. Restore it "
+                     "(a workdir keeps earlier configs as config.<step>.json), or move it "
+                     "aside to start the workdir's config afresh") from None
+
+
 def _read(path, mode):
   path = os.fspath(path)
   if not is_url(path):

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from superclip_jax import checkpoint, models, sharding, tokenizer
-from superclip_jax.data import transforms
+from superclip_jax.data import spec, transforms
 
 # Ids that are never tags: they are in every caption (SOT, EOT) or padding (0, also '!').
 SPECIAL_IDS = (tokenizer.SOT_ID, tokenizer.EOT_ID, tokenizer.PAD_ID)
@@ -140,6 +140,7 @@ class Model:
   def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)):
     """[len(labels), embed]: each label's prompts encoded, averaged, L2-normalised (CLIP's
     prompt ensemble; the default template is the label itself)."""
+    templates = spec.check_templates(templates, "templates")
     prompts = [t.format(label) for label in labels for t in templates]
     z = self.encode_text(self.tokenize(prompts)).reshape(len(labels), len(templates), -1)
     z = z.mean(axis=1)

@@ -96,8 +96,11 @@ def stop_frozen(params, frozen: tuple[str, ...]):
 
 
 def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx, schedule,
-               use_idf: bool, batch_size: int, accum_steps: int = 1):
-  """One optimizer step on one global batch; `accum_steps` > 1: `gradient_accumulation`."""
+               use_idf: bool, batch_size: int, accum_steps: int = 1, check_update: bool = True):
+  """One optimizer step on one global batch; `accum_steps` > 1: `gradient_accumulation`.
+
+  check_update=False leaves out the updated parameters' finiteness check (below): only for
+  bench/bench_guard.py, which measures what the check costs."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   idf = state.idf
   targets = idf_weights = None
@@ -113,17 +116,22 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
     (value, terms), grads = gradient_accumulation.value_and_grad(
         loss, state.params, batch, idf_weights, rng, steps=accum_steps)
   grad_norm = optax.tree.norm(grads)
-  # A non-finite loss or gradient drops the whole batch: only the step and the data position
-  # advance, so the state stays good (and 'stop' halts with the last good state). lax.cond,
-  # not a select over the state: a select keeps the old optimizer state alive beside the new
-  # one, so XLA copies every moment buffer each step (2 copies of mu and nu per parameter).
-  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
   def apply_update(operands):
     params, opt_state = operands
     updates, opt_state = tx.update(grads, opt_state, params)
     return optim.clamp_logit_scale(optax.apply_updates(params, updates)), opt_state
 
+  # A non-finite loss, gradient or updated state drops the whole batch: only the step and the
+  # data position advance, so params, optimizer state and IDF counts stay bitwise as they were
+  # (and 'stop' halts with the last good state). Finite gradients can still give a non-finite
+  # update (an lr or eps the optimizer divides by badly), so the update is tried first for its
+  # finiteness alone: XLA fuses that into one reduction and materialises nothing of it. The
+  # kept update is then computed again inside lax.cond, not selected: a select keeps the old
+  # optimizer state alive beside the new one, so XLA copies every moment buffer each step.
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+  if check_update:
+    finite &= all_finite(apply_update((state.params, state.opt_state))[0])
   params, opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands,
                                    (state.params, state.opt_state))
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -142,6 +150,14 @@ def train_step(state: train_state.TrainState, batch: dict, *, loss: StepLoss, tx
     metrics["data_epoch_rows"] = epoch_rows(batch["_position"][:, 1], batch["_epoch"],
                                             state.data_position.shape[1])
   return new, metrics
+
+
+def all_finite(tree):
+  """bool []: every floating-point element of `tree` is finite (exact, unlike a norm's
+  overflow)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 # Epochs that one batch's rows of a source may span and still be counted exactly (`epoch_rows`).

@@ -66,11 +66,16 @@ class _Lease:
   def __init__(self, workdir: str, refresh: float, stale: float):
     path = fs.join(workdir, LOCK_FILE)
     self.path, self.refresh, self.stale = path, refresh, stale
-    fs.makedirs(workdir)
+    _make_workdir(workdir)
     self.info = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
                  "refreshed": time.time(), "token": uuid.uuid4().hex}
     for _ in range(3):  # a takeover races another starter at most a few times
-      if _create(path, json.dumps(self.info)):
+      try:
+        created = _create(path, json.dumps(self.info))
+      except OSError as e:  # read-only, no permission, no space: before anything else is written
+        raise WorkdirError(f"--workdir={workdir} is not writable: creating {path} failed "
+                           f"({e.strerror or e}). Use a directory this user can write") from None
+      if created:
         break
       holder = _read(path)
       why = self._stale(holder)
@@ -129,6 +134,21 @@ class _Lease:
     self._thread.join(timeout=10)
     _HELD.discard(self.info["token"])
     _remove_if(self.path, self.info)
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used at all (a file, not writable); the message says which."""
+
+
+def _make_workdir(workdir: str) -> None:
+  if fs.exists(workdir) and not fs.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory: name a directory "
+                       "(it is created if missing)")
+  try:
+    fs.makedirs(workdir)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} cannot be created ({e.strerror or e}; "
+                       f"{e.filename or workdir}). Use a directory this user can write") from None
 
 
 def _create(path: str, text: str) -> bool:

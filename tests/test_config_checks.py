@@ -1,5 +1,6 @@
 """Small misconfigurations are clear errors or warnings (issue 16.7)."""
 import logging
+import re
 
 import pytest
 
@@ -9,7 +10,19 @@ from tests.test_train import tiny_config
 
 @pytest.mark.parametrize("field,value,message", [
     ("keep_ckpts", 0, "keep_ckpts=0 keeps no checkpoint"),
-    ("lr", -1e-3, "config.lr=-0.001 is negative"),
+    ("lr", -1e-3, "config.lr=-0.001: use a number >= 0.0 (0 keeps the weights fixed"),
+    ("lr", float("nan"), "config.lr=nan: use a finite number"),
+    ("optax.eps", 0.0, "config.optax.eps=0.0: use a number > 0.0 (Adam divides"),
+    ("optax.b2", 1.0, "config.optax.b2=1.0: use a number in [0.0, 1.0)"),
+    ("optax.b1", float("inf"), "config.optax.b1=inf: use a finite number"),
+    ("wd", float("-inf"), "config.wd=-inf: use a finite number"),
+    ("grad_clip_norm", -1.0, "config.grad_clip_norm=-1.0: use a number >= 0.0"),
+    ("loss.class_weight", float("nan"), "config.loss.class_weight=nan: use a finite number"),
+    ("model.logit_scale_init", float("inf"), "config.model.logit_scale_init=inf"),
+    ("schedule.warmup_steps", -5, "config.schedule.warmup_steps=-5: use a number >= 0"),
+    ("preemption_barrier_seconds", 0.0, "config.preemption_barrier_seconds=0.0"),
+    ("wd_mults", ((".*", float("nan")),), "config.wd_mults=('.*', nan): each rule"),
+    ("input.crop_scale", (0.0, 1.0), "config.input.crop_scale=(0.0, 1.0): use (low, high)"),
     ("model.context_length", 0, "context_length=0"),
     ("model.context_length", 6, "template 'a photo of a {}.': it needs 8"),
     ("max_nonfinite_steps", -1, "max_nonfinite_steps=-1"),
@@ -22,7 +35,7 @@ def test_a_bad_value_is_an_error_naming_the_field(field, value, message):
   for parent in parents:
     node = node[parent]
   node[name] = value
-  with pytest.raises(ValueError, match=message.replace("{", r"\{").replace(".", r"\.")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_lib.validate(config)
 
 

@@ -127,7 +127,7 @@ def test_zeroshot_resolves_names_and_rejects_bad_templates():
   assert names[1] == "aquarium fish" and templates == classnames.CIFAR_TEMPLATES
   assert zeroshot.resolve("imagenet", None)[1] == classnames.OPENAI_IMAGENET_TEMPLATES
   assert zeroshot.resolve(["a", "b"], ["x {}"]) == (("a", "b"), ("x {}",))
-  with pytest.raises(ValueError, match="exactly one"):
+  with pytest.raises(ValueError, match="has no .{}. for the class name"):
     zeroshot.resolve(["a"], ["no slot"])
   with pytest.raises(ValueError, match="imagenet21k"):
     zeroshot.resolve("imagenet21k", None)

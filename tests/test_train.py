@@ -216,7 +216,10 @@ def test_train_step_updates_optimizer_state_in_place(mode):
   step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule),
                  donate_argnums=0)
   hlo = step.lower(factory.create(), fixed_batch(config)).compile().as_text()
-  state_copies = re.findall(r"= \S+ copy\((%?state_(?:params|opt_state)\S*)\)", hlo)
+  copies = re.findall(r"= (\S+) copy\((%?state_(?:params|opt_state)\S*)\)", hlo)
+  # Scalars may be copied (the update's finiteness check reads logit_scale and Adam's count
+  # before the in-place update): bytes, not buffers.
+  state_copies = [(shape, name) for shape, name in copies if not shape.endswith("[]")]
   assert not state_copies, state_copies
   assert re.search(r"conditional\(", hlo)  # the skip-on-non-finite branch is still there
 

@@ -28,12 +28,36 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 import urllib.parse
 
 from superclip_jax.data import transforms
 
 KINDS = ("wds", "tfrecord", "tfds", "folder")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def check_templates(templates, field: str) -> tuple[str, ...]:
+  """`templates` as a tuple of `str.format` patterns, each with one '{}' (or '{0}', as often
+  as it likes) for the class name and no other field; anything else is a ValueError naming
+  `field`. Every
+  command that turns names into prompts checks here: a template without '{}' gives every
+  class the same text, and '{name}' or '{0} {1}' fail only when formatted."""
+  templates = (templates,) if isinstance(templates, str) else tuple(templates)
+  if not templates:
+    raise ValueError(f"{field} is empty: give at least one template, e.g. 'a photo of a {{}}.'")
+  for template in templates:
+    try:
+      names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+      template.format("x")
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+      raise ValueError(f"{field}: template {template!r} is not a format pattern with one '{{}}' "
+                       f"for the class name ({type(e).__name__}: {e}); write braces that are "
+                       "text as '{{' and '}}'") from None
+    if not names or any(name not in ("", "0") for name in names):
+      raise ValueError(f"{field}: template {template!r} has no '{{}}' for the class name, so "
+                       "every class would get the same text; e.g. 'a photo of a {}.'")
+  return templates
 
 # config.input fields the data modules read, with the defaults used when a config lacks them.
 DEFAULTS = dict(

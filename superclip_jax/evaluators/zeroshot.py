@@ -24,6 +24,7 @@ import numpy as np
 from superclip_jax import classnames as names
 from superclip_jax import sharding, tokenizer
 from superclip_jax.data import demo
+from superclip_jax.data import spec as data_spec
 from superclip_jax.evaluators import common, eval_data
 
 CLASSNAMES = {
@@ -59,10 +60,7 @@ def resolve(classnames, templates) -> tuple[tuple[str, ...], tuple[str, ...]]:
   classnames, templates = tuple(classnames), tuple(templates)
   if not classnames or not templates:
     raise ValueError("zeroshot needs at least one class name and one template")
-  bad = [t for t in templates if t.count("{}") != 1]
-  if bad:
-    raise ValueError(f"zeroshot templates must contain exactly one '{{}}': {bad[:3]}")
-  return classnames, templates
+  return classnames, data_spec.check_templates(templates, "zeroshot templates")
 
 
 _WORDNET_ID = re.compile(r"n\d{8}")
