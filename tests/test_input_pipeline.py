@@ -767,3 +767,37 @@ def test_closing_the_reader_does_not_wait_for_the_iterator_to_be_freed_but_exit_
   assert time.monotonic() - start < 1.0 and not freed  # the reader frees it in the background
   input_pipeline._join_closing_readers()  # what exit runs (an atexit hook)
   assert freed == [True]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_small_folder_counts_each_file_in_its_own_pass(image_folder, processes):
+  # 12 files, far fewer than one position group of 4,096: the group used to count as pass 0.
+  config = _config(f"folder:{image_folder}", batch=4)
+  by_pass = collections.defaultdict(list)
+  for p in range(processes):
+    ds = input_pipeline.train_dataset(config, process_index=p, process_count=processes,
+                                      with_keys=True)
+    batches = _batches(ds, 6)  # two passes (a batch of 4 is 2 rows a process of 2)
+    for epoch, key in zip(np.concatenate([b["_epoch"] for b in batches]), _keys(batches)):
+      by_pass[int(epoch)].append(key)
+  # Independent expectation: the processes together read each of the 12 files once a pass.
+  assert sorted(by_pass) == [0, 1]
+  for keys in by_pass.values():
+    assert len(keys) == 12 and len(set(keys)) == 12
+
+
+def test_one_class_folder_warns_that_the_head_learns_nothing(tmp_path, image_folder):
+  one = tmp_path / "one"
+  (one / "cat").mkdir(parents=True)
+  for i in range(2):
+    (one / "cat" / f"{i}.png").write_bytes(_image(i))
+  lines = []
+  input_pipeline.train_dataset(_config(f"folder:{one}"), report=lines.append)
+  assert any(line.startswith(f"Warning: folder:{one} has one class ('cat')") for line in lines)
+  for data, mode in ((f"folder:{one}", "clip"), (f"folder:{image_folder}", "superclip"),
+                     (f"folder:{one};folder:{image_folder}", "superclip")):
+    lines = []
+    config = _config(data)
+    config.model.mode = mode
+    input_pipeline.train_dataset(config, report=lines.append)
+    assert not [line for line in lines if line.startswith("Warning")], (data, mode)

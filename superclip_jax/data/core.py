@@ -55,11 +55,12 @@ class Source:
   def _items_per_group(self, process_count: int, cycle_length: int) -> int:
     raise NotImplementedError
 
-  def group_epochs(self, groups, process_index: int, process_count: int, cycle_length: int,
-                   origin=(0, 0)) -> np.ndarray:
-    """The epoch (0: the first pass over the data) of each position group in `groups` int [n]
-    of this process: that of the group's first item (a group that straddles two epochs counts
-    in the first)."""
+  def record_epochs(self, groups, offsets, process_index: int, process_count: int,
+                    cycle_length: int, origin=(0, 0)) -> np.ndarray:
+    """The epoch (0: the first pass over the data) of each record of this process at position
+    (`groups`, `offsets`) int [n]. Here that of its group's first item (a shard group that
+    straddles two epochs counts in the first); sources that know each record's item say so."""
+    del offsets
     k = self._items_per_group(process_count, cycle_length)
     first = int(origin[0]) * self.num_items + int(origin[1]) + process_index
     return (first + np.asarray(groups, np.int64) * k * process_count) // self.num_items
@@ -75,6 +76,10 @@ class Source:
     rows = np.asarray(rows, np.int64).reshape(-1, 2)
     progress = [self._progress(int(g), int(r), len(rows), cycle_length) for g, r in rows]
     return position.restart_at_first_unfinished(progress, origin, self.num_items, new_count)
+
+  def head_warning(self) -> str | None:
+    """Why this source's captions cannot teach the class head anything, if they cannot."""
+    return None
 
   def summary(self) -> str:
     """One line for the start-up facts: the spec and how much it holds."""

@@ -69,6 +69,22 @@ class ImageFolderSource(core.Source):
     del process_count, cycle_length  # files are read in order, one position each
     return (group * _FOLDER_CHUNK + offset,) * 2
 
+  def record_epochs(self, groups, offsets, process_index, process_count, cycle_length,
+                    origin=(0, 0)):
+    """Each file's own pass: one group of _FOLDER_CHUNK files spans several passes over a
+    smaller folder (`position.process_items` is the sequence read)."""
+    del cycle_length
+    j = np.asarray(groups, np.int64) * _FOLDER_CHUNK + np.asarray(offsets, np.int64)
+    first = int(origin[0]) * self.num_items + int(origin[1]) + process_index
+    return (first + j * process_count) // self.num_items
+
+  def head_warning(self) -> str | None:
+    if len(self.classnames) > 1:
+      return None
+    return (f"{self.spec} has one class ({self.classnames[0]!r}), so every caption holds the "
+            "same words: each token's IDF is 0 and the class head's loss is exactly 0, it "
+            "learns nothing. Add classes, use captioned data, or train model.mode='clip'")
+
   def train_records(self, *, seed, source_index, group, offset, process_index, process_count,
                     cycle_length, shuffle_buffer, origin=(0, 0)):
     del cycle_length, shuffle_buffer  # every epoch is a full permutation of the files

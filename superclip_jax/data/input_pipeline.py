@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from superclip_jax import tokenizer
+from superclip_jax import models, tokenizer
 from superclip_jax.data import bad_records, core, demo, sources, spec, transforms
 from superclip_jax.data.position import (data_seed, local_batch_size, stream_seed,
                                          this_process_position)
@@ -66,10 +66,10 @@ atexit.register(_release_iterators_at_exit)
 
 
 def _train_micro_batch(records, groups, offsets, *, seed: int, size: int, scale,
-                       group_epochs: Callable):
+                       record_epochs: Callable):
   """tf.numpy_function body: packed records [m] -> images uint8 [m, size, size, 3], caption,
   long caption and key [m], status int32 [m] (transforms.OK, or a bad record's
-  bad_records.code), epoch int32 [m] (`core.Source.group_epochs`)."""
+  bad_records.code), epoch int32 [m] (`core.Source.record_epochs`)."""
   m = len(records)
   images = np.zeros((m, size, size, 3), np.uint8)
   captions, long_captions, keys = (np.full(m, b"", dtype=object) for _ in range(3))
@@ -83,7 +83,7 @@ def _train_micro_batch(records, groups, offsets, *, seed: int, size: int, scale,
       continue
     images[i], captions[i], long_captions[i], status[i] = transforms.train_record(
         record.image, record.texts, record.long_texts, uniforms[i], size, scale)
-  epochs = np.asarray(group_epochs(groups), np.int32).reshape(m)
+  epochs = np.asarray(record_epochs(groups, offsets), np.int32).reshape(m)
   return images, captions, long_captions, keys, status, epochs
 
 
@@ -98,7 +98,7 @@ def _train_examples(config, source: core.Source, source_index: int, position, or
   body = functools.partial(
       _train_micro_batch, seed=stream_seed(seed, source_index, process_index),
       size=size, scale=tuple(float(s) for s in spec.input_field(config, "crop_scale")),
-      group_epochs=functools.partial(source.group_epochs, process_index=process_index,
+      record_epochs=functools.partial(source.record_epochs, process_index=process_index,
                                      process_count=process_count, cycle_length=cycle_length,
                                      origin=origin))
   micro_batches = source.train_records(
@@ -232,6 +232,10 @@ def train_dataset(config, start: int = 0, position=None, *, origin=None,
   srcs = sources.build_sources(config)
   for src, (_, weight) in zip(srcs if report is not None else (), pairs):
     report(f"data: {src.summary()}" + (f" (weight {weight:g})" if len(srcs) > 1 else ""))
+  warnings = [src.head_warning() for src in srcs]
+  if report is not None and models.has_head(config.model.mode) and all(warnings):
+    for line in warnings:  # a source with real captions teaches the head whatever the others do
+      report(f"Warning: {line}")
   resume = this_process_position(position, start, len(srcs), p, n)
   origin = np.zeros((len(srcs), 2), np.int64) if origin is None else np.asarray(origin)
   if origin.shape != (len(srcs), 2):

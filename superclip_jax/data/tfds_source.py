@@ -86,8 +86,9 @@ class TfdsSource(core.Source):
 
   item_name = "epoch pass"
 
-  def group_epochs(self, groups, process_index, process_count, cycle_length, origin=(0, 0)):
-    del process_index, process_count, cycle_length, origin
+  def record_epochs(self, groups, offsets, process_index, process_count, cycle_length,
+                    origin=(0, 0)):
+    del offsets, process_index, process_count, cycle_length, origin
     return np.asarray(groups, np.int64)  # a group is one pass over this process's split
 
   def summary(self):
