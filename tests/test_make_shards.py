@@ -157,3 +157,24 @@ def test_command_line(tmp_path, sorted_folder):
   ordered, _ = _contents(runs["no_shuffle"])
   assert [s[0] for s in ordered] == [
       s.image_path for s in make_shards.samples_from_folder(sorted_folder)]
+
+
+def test_jsonl_captions_are_strings_or_lists_of_them(tmp_path, capsys):
+  _save(str(tmp_path / "img" / "0.png"), (9, 9, 9))
+  cells = [["a red square", "a square"], None, 42, True, {"x": 1}, [], ["ok", 3], "plain"]
+  with open(tmp_path / "t.jsonl", "w") as f:
+    f.writelines(json.dumps({"image": "img/0.png", "caption": c}) + "\n" for c in cells)
+  stats = {}
+  paths = make_shards.write_shards(make_shards.samples_from_table(str(tmp_path / "t.jsonl")),
+                                   str(tmp_path / "out"), seed=None, stats=stats)
+  got = [json.loads(s["json"]) for s in webdataset.read_shard(paths[0])]
+  assert [g["captions"] for g in got] == [["a red square", "a square"], ["plain"]]
+  assert [g["caption"] for g in got] == ["a red square", "plain"]
+  assert stats == {"several_captions": 1}
+  skipped = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
+  assert [line.split(" row ")[1].split(":")[0] for line in skipped] == ["2", "3", "4", "5", "6",
+                                                                       "7"]
+  assert "is null (null)" in skipped[0] and "is a number (42)" in skipped[1]
+  assert "is a boolean (true)" in skipped[2] and 'is an object ({"x": 1})' in skipped[3]
+  assert "is a list holding a number" in skipped[5] and "is an empty list" in skipped[4]
+  assert make_shards.shard_spec(paths, True).endswith(".tar?text=json/captions")

@@ -13,8 +13,12 @@ Samples are shuffled across shards (--seed, default 0; the same seed gives the s
 so that every shard mixes the classes of a class-sorted folder: a reader interleaves only a few
 shards at a time (config.input.cycle_length). --noshuffle keeps the input order.
 Images that do not decode are reported and skipped. Each sample is `{key}.jpg|png|webp` +
-`{key}.txt` + `{key}.json` ({"key", "caption", "source", and "label"/"class"/"long_caption"
-when known}); with class folders also `{key}.cls` (the class index).
+`{key}.txt` + `{key}.json` ({"key", "caption", "captions", "source", and
+"label"/"class"/"long_caption" when known}); with class folders also `{key}.cls` (the class
+index). A JSONL caption may be a list of strings: several captions of one image, all in json
+"captions" (the first in `.txt`), and the printed spec then reads them (`?text=json/captions`).
+A caption that is null, a number, a boolean, an object or an empty list is no caption: its
+row is reported and skipped (it used to train as the text 'None' or '42').
 Keys are img2dataset-style: shard number then index in the shard ('000030012'). Shards are
 `OUTPUT/00000.tar, 00001.tar, ...` (local or gs://); the command prints the spec to put in
 config.input.data. Images are copied byte for byte unless --max_size re-encodes larger ones
@@ -44,6 +48,25 @@ class Sample:
   long_caption: str | None = None
   label: int | None = None
   classname: str | None = None
+  more_captions: tuple[str, ...] = ()  # a table cell's list: json 'captions' holds them all
+
+
+def _table_captions(value) -> tuple[tuple[str, ...], str]:
+  """A table cell as (captions, '') — a string is one caption, a non-empty list of strings
+  several — or ((), why it is none): JSON null, numbers, booleans, objects and lists of
+  anything else are not captions (their text, 'None' or '42', would train as one)."""
+  if isinstance(value, str):
+    return (value,), ""
+  if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    return tuple(value), ""
+  def kind(v):
+    return ("null" if v is None else "a boolean" if isinstance(v, bool) else
+            "a number" if isinstance(v, (int, float)) else "an object" if isinstance(v, dict)
+            else "a list")
+  kind = ("an empty list" if value == [] else
+          f"a list holding {kind(next(v for v in value if not isinstance(v, str)))}"
+          if isinstance(value, list) else kind(value))
+  return (), f"is {kind} ({json.dumps(value)[:60]}), not a caption: a string or a list of strings"
 
 
 def _read_text(path: str) -> str:
@@ -103,11 +126,18 @@ def samples_from_table(path: str, image_column: str = "image", caption_column: s
         if column not in row:
           raise ValueError(f"{path}: row {number} has no column {column!r}; columns: "
                            f"{sorted(row)} (use --image_column / --caption_column)")
+      captions, why = _table_captions(row[caption_column])
+      long_caption = row[long_caption_column] if long_caption_column else None
+      if not why and long_caption is not None and not isinstance(long_caption, str):
+        why = _table_captions(long_caption)[1] or "is a list: one long caption per image"
+        caption_column = long_caption_column
+      if why:
+        print(f"skipping {path} row {number}: column {caption_column!r} {why}")
+        continue
       image = str(row[image_column])
       if not (os.path.isabs(image) or "://" in image):
         image = os.path.join(base, image)
-      long_caption = str(row[long_caption_column]) if long_caption_column else None
-      yield Sample(image, str(row[caption_column]), long_caption)
+      yield Sample(image, captions[0], long_caption, more_captions=captions[1:])
 
 
 def _image_bytes(path: str, max_size: int) -> tuple[bytes, str]:
@@ -146,10 +176,12 @@ def shuffled(samples: Iterable[Sample], seed: int) -> list[Sample]:
 
 
 def write_shards(samples: Iterable[Sample], output: str, shard_size: int = 10_000,
-                 max_size: int = 0, seed: int | None = 0) -> list[str]:
+                 max_size: int = 0, seed: int | None = 0, stats: dict | None = None
+                 ) -> list[str]:
   """Writes OUTPUT/00000.tar, ... with `shard_size` samples each; returns the shard paths.
   seed: shuffle the samples across shards with it (`shuffled`); None keeps their order.
-  Unreadable images are reported and skipped."""
+  Unreadable images are reported and skipped. stats, if given, gets 'several_captions': the
+  samples written with more than one caption."""
   import tensorflow as tf
   if shard_size <= 0:
     raise ValueError(f"--shard_size must be positive, got {shard_size}")
@@ -159,7 +191,7 @@ def write_shards(samples: Iterable[Sample], output: str, shard_size: int = 10_00
   digits = len(str(shard_size - 1))
   paths: list[str] = []
   tar = f = None
-  index = 0
+  index = several = 0
   try:
     for sample in samples:
       try:
@@ -176,7 +208,10 @@ def write_shards(samples: Iterable[Sample], output: str, shard_size: int = 10_00
         tar = tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT)
         index = 0
       key = f"{len(paths) - 1:05d}{index:0{digits}d}"
-      meta = {"key": key, "caption": sample.caption, "source": sample.image_path}
+      # Every sample lists its captions, so `?text=json/captions` reads all of them.
+      meta = {"key": key, "caption": sample.caption,
+              "captions": [sample.caption, *sample.more_captions], "source": sample.image_path}
+      several += bool(sample.more_captions)
       if sample.long_caption is not None:
         meta["long_caption"] = sample.long_caption
       if sample.label is not None:
@@ -194,14 +229,19 @@ def write_shards(samples: Iterable[Sample], output: str, shard_size: int = 10_00
       f.close()
   if not paths:
     raise ValueError("no sample could be written (see the messages above)")
+  if stats is not None:
+    stats["several_captions"] = several
   return paths
 
 
-def shard_spec(paths: Sequence[str]) -> str:
-  """The brace pattern naming shards written by `write_shards` (for config.input.data)."""
+def shard_spec(paths: Sequence[str], several_captions: bool = False) -> str:
+  """The brace pattern naming shards written by `write_shards` (for config.input.data);
+  several_captions: read json 'captions' (every sample has it; one of them per example)
+  instead of the first caption alone (`.txt`)."""
   directory = os.path.dirname(paths[0])
   last = len(paths) - 1
-  return f"wds:{directory}/{{{0:05d}..{last:05d}}}.tar"
+  return (f"wds:{directory}/{{{0:05d}..{last:05d}}}.tar"
+          + ("?text=json/captions" if several_captions else ""))
 
 
 FLAGS = flags.FLAGS
@@ -226,9 +266,11 @@ def main(argv):
                                  FLAGS.long_caption_column)
   else:
     samples = samples_from_folder(FLAGS.input, FLAGS.template)
+  stats = {}
   paths = write_shards(samples, FLAGS.output, FLAGS.shard_size, FLAGS.max_size,
-                       FLAGS.seed if FLAGS.shuffle else None)
-  print(f"wrote {len(paths)} shard(s); config.input.data = {shard_spec(paths)!r}")
+                       FLAGS.seed if FLAGS.shuffle else None, stats)
+  spec = shard_spec(paths, stats["several_captions"] > 0)
+  print(f"wrote {len(paths)} shard(s); config.input.data = {spec!r}")
 
 
 if __name__ == "__main__":
