@@ -26,6 +26,7 @@ REASONS = (
     "truncated_shard",    # a tar/TFRecord file ended inside a record; the rest is unreadable
     "corrupt_shard",      # a tar header checksum or TFRecord CRC failed; the rest is skipped
     "unreadable_file",    # a shard or image file could not be opened
+    "unsupported_image",  # decodes, but no 8-bit reading (float outside [0, 1], NaN; transforms)
 )
 SHARD_REASONS = ("truncated_shard", "corrupt_shard", "unreadable_file")
 # Epochs whose record counts the log carries per source: the newest one, and the two before

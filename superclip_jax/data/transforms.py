@@ -13,13 +13,25 @@ same uint8 pixels (tests/test_transforms.py checks both against open_clip):
 
 `train_record` / `eval_record` are the bodies of the tf.data map: they decode, choose a
 caption and crop, and report a bad record (its `bad_records.code` as status) instead of raising.
+
+Images that are not 8-bit become 8-bit in `decode` (training, evaluation and predict alike),
+because PIL's own convert('RGB') clips them: a 16-bit grey PNG comes out white, a float TIFF
+black. 16-bit and 32-bit integer grey ('I;16*', 'I') is read as 16-bit data and shifted right
+by 8 bits, as torchvision's `to_dtype(uint16 -> uint8, scale=True)` and scikit-image's
+`img_as_ubyte` do (so 'I' data of 8-bit range comes out dark: such files are rare); float grey
+('F') in [0, 1] is scaled by 255 and rounded, as `img_as_ubyte` does. Values outside those
+ranges (and NaN) have no 8-bit reading: `decode` raises `UnsupportedImage`, and a record is
+skipped and counted as 'unsupported_image'.
 """
 from __future__ import annotations
 
 import io
 import math
+import threading
+import warnings
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from superclip_jax.data import bad_records
@@ -36,10 +48,49 @@ OK = 0
 BAD = 1  # the record is skipped (train_record's status is bad_records.code(reason) > 0)
 
 
+class UnsupportedImage(ValueError):
+  """An image that decodes but whose values have no 8-bit reading (module docstring)."""
+
+
+# PIL warns on each open of an image above MAX_IMAGE_PIXELS (and refuses twice that): once per
+# crop of the same image, epoch after epoch. `decode` says it once per process instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_bomb_said = threading.Event()
+
+
 def decode(data: bytes) -> Image.Image:
-  """Encoded image bytes -> a fully decoded PIL image (any mode). Raises on bad data."""
+  """Encoded image bytes -> a fully decoded PIL image in a mode of 8 bits a channel (any of
+  PIL's: 'L', 'RGB', 'RGBA', 'P', 'CMYK', ...). Raises on bad data, UnsupportedImage on
+  values with no 8-bit reading."""
   image = Image.open(io.BytesIO(data))
   image.load()
+  limit = Image.MAX_IMAGE_PIXELS
+  if limit and image.width * image.height > limit and not _bomb_said.is_set():
+    _bomb_said.set()
+    logging.warning("An image of %dx%d pixels (%s) is above PIL's Image.MAX_IMAGE_PIXELS=%d, "
+                    "its decompression-bomb limit, and was decoded (PIL refuses above twice "
+                    "that). Said once per process; raise the limit if such images are expected.",
+                    image.width, image.height, image.format, limit)
+  return to_8bit(image)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+  """16- and 32-bit integer and float grey images as 'L' (module docstring); others as they
+  are. Raises UnsupportedImage on values outside the ranges read."""
+  if image.mode.startswith("I;16") or image.mode == "I":
+    values = np.asarray(image)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 65535:
+      raise UnsupportedImage(f"{image.mode} image with values {low}..{high}: outside the "
+                             "16-bit range 0..65535 that is read")
+    return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8), "L")
+  if image.mode == "F":
+    values = np.asarray(image, np.float32)
+    if not np.all(np.isfinite(values)) or (values.size and not (
+        values.min() >= 0.0 and values.max() <= 1.0)):
+      raise UnsupportedImage("float image ('F') with values outside [0, 1] or not finite: no "
+                             "8-bit reading")
+    return Image.fromarray(np.round(values * 255.0).astype(np.uint8), "L")
   return image
 
 
@@ -97,13 +148,13 @@ def position_uniforms(seed: int, groups, offsets, n: int = NUM_UNIFORMS) -> np.n
 
 
 def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-  if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-    image = image.convert("RGB")  # PIL cannot resample these modes bicubically
-  return image.resize(size, Image.Resampling.BICUBIC)
+  # 8-bit first (images not from `decode`): PIL cannot resample 16-bit modes bicubically, and
+  # its convert('RGB') would clip them.
+  return to_8bit(image).resize(size, Image.Resampling.BICUBIC)
 
 
 def _rgb_array(image: Image.Image) -> np.ndarray:
-  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  return np.asarray(to_8bit(image).convert("RGB"), dtype=np.uint8)
 
 
 def train_image(image: Image.Image, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -169,13 +220,16 @@ def _pick(options: list[bytes], u: float) -> bytes:
   return options[min(int(u * len(options)), len(options) - 1)]
 
 
-def _decoded(data: bytes) -> Image.Image | None:
+def _decoded(data: bytes) -> tuple[Image.Image | None, str]:
+  """(the image, '') or (None, its bad_records reason)."""
   if not data:  # a zero-byte file
-    return None
+    return None, "bad_image"
   try:
-    return decode(data)
+    return decode(data), ""
+  except UnsupportedImage:
+    return None, "unsupported_image"
   except Exception:  # noqa: BLE001  PIL raises many types on bad data (and bombs)
-    return None
+    return None, "bad_image"
 
 
 def train_record(image_bytes, texts, long_texts, uniforms, size: int, scale=TRAIN_SCALE):
@@ -191,9 +245,9 @@ def train_record(image_bytes, texts, long_texts, uniforms, size: int, scale=TRAI
   captions, why = _valid_captions(texts)
   if why is not None:
     return skipped(why)
-  image = _decoded(bytes(image_bytes))
+  image, why = _decoded(bytes(image_bytes))
   if image is None:
-    return skipped("bad_image")
+    return skipped(why)
   try:
     pixels = train_image(image, size, crop_box(image.size[0], image.size[1], uniforms, scale))
   except Exception:  # noqa: BLE001  decoders can fail lazily, and odd modes in resize
@@ -206,7 +260,7 @@ def train_record(image_bytes, texts, long_texts, uniforms, size: int, scale=TRAI
 
 def eval_record(image_bytes, size: int):
   """One evaluation image -> (image uint8 [size, size, 3], status)."""
-  image = _decoded(bytes(image_bytes))
+  image, _ = _decoded(bytes(image_bytes))
   if image is None:
     return np.zeros((size, size, 3), np.uint8), np.int32(BAD)
   try:

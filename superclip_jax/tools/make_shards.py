@@ -147,8 +147,11 @@ def _image_bytes(path: str, max_size: int) -> tuple[bytes, str]:
     data = f.read()
   ext = _KEEP_FORMATS.get(os.path.splitext(path)[1].lower())
   from PIL import Image
+  from superclip_jax.data import transforms
   image = Image.open(io.BytesIO(data))
   image.load()  # a file that does not decode is reported, not written
+  if ext is None or (max_size and min(image.size) > max_size):
+    image = transforms.to_8bit(image)  # re-encoded: 16-bit or float grey read as training does
   if max_size and min(image.size) > max_size:
     scale = max_size / min(image.size)
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
