@@ -64,6 +64,8 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
   path = fs.join(workdir, checkpoint.CONFIG_FILE)
   saved = fs.read_json(path) if fs.exists(path) else None
   diff = {} if saved is None else changes(flatten(saved), flatten(config))
+  if latest_step is not None and "input.data" in diff:
+    _check_source_count(workdir, latest_step, *diff["input.data"])
   if latest_step is not None and diff:
     shape = {k: v for k, v in diff.items() if k in STATE_FIELDS or (
         k in STATE_PRESENCE_FIELDS and (v[0] is None) != (v[1] is None))}
@@ -91,6 +93,23 @@ def check_and_record(workdir: str, config, latest_step: int | None) -> dict:
       fs.copy(path, kept)
   checkpoint.write_config(workdir, config)
   return diff
+
+
+def _check_source_count(workdir, latest_step, saved, new) -> None:
+  """The checkpoints' data position has one row per source: a mixture that gains or loses
+  sources cannot resume from them (Orbax would call every intact checkpoint unusable)."""
+  from superclip_jax.data import spec  # plain Python
+  try:
+    before, now = ([s for s, _ in spec.mixture(d)] for d in (saved, new))
+  except (ValueError, TypeError):
+    return  # validate() names what is wrong with the new spec
+  if len(before) != len(now):
+    raise ConfigMismatchError(
+        f"config.input.data changes the mixture from {len(before)} source(s) {before} to "
+        f"{len(now)} {now}, but {workdir} holds checkpoints (latest step {latest_step}) whose "
+        f"data position has one row per source: resume with the saved config.input.data, or "
+        f"train the new mixture in a new --workdir. The checkpoints are intact; nothing in "
+        f"{workdir} was changed.")
 
 
 def optimizer_changed(diff: dict) -> bool:
