@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
       threads=0,  # tf.data private threadpool (0 = TF's default)
       prefetch=2,
       max_consecutive_skips=10_000,  # a source skipping more records in a row stops the run
+      stall_warning_seconds=300.0,  # no batch for this long: a warning naming stuck shards
       # Resuming with another number of processes: 'error', or 'restart' (file sources
       # re-read the shards some process had not finished; docs/data.md). The demo is exact.
       on_process_count_change="error",
@@ -390,6 +391,7 @@ NUMBER_RANGES = (
     ("preemption_check_steps", 1, math.inf, False, "steps between preemption checks"),
     ("preemption_barrier_seconds", 0.0, math.inf, (True, False),
      "seconds before a silent peer counts as dead"),
+    ("input.stall_warning_seconds", 0.0, math.inf, False, "0 never warns"),
 )
 
 

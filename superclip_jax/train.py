@@ -13,7 +13,7 @@ from absl import logging
 from superclip_jax import checkpoint, config_history, config_lib, evaluators, fs, host_malloc
 from superclip_jax import metrics_log, mfu, nonfinite, optim, preemption, sharding, train_state
 from superclip_jax import train_step, versions, workdir_lock
-from superclip_jax.data import bad_records, input_pipeline, position
+from superclip_jax.data import bad_records, input_pipeline, position, spec
 
 
 NonFiniteError = nonfinite.NonFiniteError
@@ -74,7 +74,9 @@ def _train(config, workdir, stop_after):
   # Waits for input in Python, checking the flag: a preemption stops even a stalled read.
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
                                               sharding.batch_sharding(mesh),
-                                              stop=lambda: stop.local)
+                                              stop=lambda: stop.local,
+                                              stall_seconds=float(spec.input_field(
+                                                  config, "stall_warning_seconds")))
   pending = []  # per-step metrics still on device, fetched at log steps
   compiled = meter = None
   profile = tuple(config.get("profile_steps", ()))

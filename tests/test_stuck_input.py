@@ -2,6 +2,7 @@
 stops with a message naming it and the reasons, and SIGTERM / SIGINT are honoured while the
 loop waits for a batch, the first one included (issue 17)."""
 import io
+import logging
 import os
 import re
 import signal
@@ -181,3 +182,34 @@ def test_sigterm_while_input_stalls_mid_run_saves_the_last_step(tmp_path, monkey
     release.set()
   assert int(state.step) == 3
   assert checkpoint.Checkpointer(workdir, checkpoint.read_config(workdir)).latest_step() == 3
+
+
+def test_a_shard_that_never_yields_is_reported_by_name_and_sigterm_path_still_stops(
+    tmp_path, caplog):
+  good = str(tmp_path / "0.tar")
+  _write_tar(good, [m for r in range(8) for m in ((f"{r:03d}.png", _png(r)),
+                                                  (f"{r:03d}.txt", b"a caption"))])
+  fifo = str(tmp_path / "1.tar")
+  os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: a stuck mount
+  config = _config(f"wds:{tmp_path}/{{0..1}}.tar", 100)
+  config.input.cycle_length = 2
+  warned = lambda: "Input stalled" in caplog.text  # noqa: E731
+  try:
+    with caplog.at_level(logging.WARNING):
+      batches = input_pipeline.host_batches(
+          input_pipeline.train_dataset(config).as_numpy_iterator(), stall_seconds=1.0,
+          stop=lambda: warned() and caplog.text.count("Input stalled") >= 2)
+      start = time.monotonic()
+      with pytest.raises(input_pipeline.InputStopped):
+        next(batches)
+      assert time.monotonic() - start < 60
+  finally:
+    def unblock():  # EOF for the stuck reader, so that no thread outlives the test
+      with open(fifo, "wb"):
+        pass
+    threading.Thread(target=unblock, daemon=True).start()
+  first = next(r.getMessage() for r in caplog.records if "Input stalled" in r.getMessage())
+  assert "no batch for 1 s (waiting for batch 1" in first
+  assert f"shards giving no record: wds:{tmp_path}/{{0..1}}.tar: {fifo} (" in first
+  assert good not in first
+  assert "no batch for 2 s" in caplog.text  # again, each interval

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from superclip_jax import models, tokenizer
 from superclip_jax.data import bad_records, core, demo, sources, spec, transforms
@@ -290,7 +291,7 @@ atexit.register(_join_closing_readers)
 
 
 def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], bool] | None = None,
-                 poll_seconds: float = 0.1) -> Iterator[dict]:
+                 poll_seconds: float = 0.1, stall_seconds: float = 0.0) -> Iterator[dict]:
   """The batches of `iterator`, read `size` ahead in a daemon thread.
 
   The caller waits in Python, where signal handlers run: inside tf.data's C++ `next` they run
@@ -299,7 +300,8 @@ def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], boo
   bad_records.TooManySkipped). The thread lets go of the iterator when it stops reading (the
   generator closed: after the batch being read); closing does not wait for that, exit does
   (`_join_closing_readers`) unless a read is stalled: tf.data torn down at interpreter exit
-  can deadlock.
+  can deadlock. stall_seconds > 0: a wait that long for one batch logs a warning (`_stalled`),
+  and again each time it lasts as long once more.
   """
   holder = [iterator]
   del iterator  # only the reader holds it
@@ -330,6 +332,7 @@ def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], boo
   reader = threading.Thread(target=read, name="host_batches", daemon=True)
   reader.start()
   reader_done = False
+  batches, waiting_since, warned = 0, time.monotonic(), 0
   try:
     while True:
       try:
@@ -337,7 +340,12 @@ def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], boo
       except queue.Empty:
         if stop is not None and stop():
           raise InputStopped("stopped while waiting for input") from None
+        waited = time.monotonic() - waiting_since
+        if stall_seconds > 0 and waited >= (warned + 1) * stall_seconds:
+          warned += 1
+          logging.warning("%s", _stalled(waited, batches, stall_seconds))
         continue
+      batches, waiting_since, warned = batches + 1, time.monotonic(), 0
       if item is _END or isinstance(item, Exception):
         reader_done = True
         failure = bad_records.take_failure()
@@ -358,13 +366,30 @@ def host_batches(iterator: Iterator[dict], size: int = 2, stop: Callable[[], boo
       _CLOSING.add(reader)
 
 
+def _stalled(waited: float, batches: int, stall_seconds: float) -> str:
+  """The stall warning: how long, which batch, and the shard reads that made no progress."""
+  reads = sources.shards.stalled_reads(min(stall_seconds, waited) / 2)
+  where = ("; shards giving no record: " + "; ".join(
+      f"{spec}: {path} ({seconds:.0f} s)" for spec, path, seconds in reads[:5])
+           + (f" and {len(reads) - 5} more" if len(reads) > 5 else "")) if reads else (
+               "; no shard read of this process is stuck (the wait is in tf.data, a tfds "
+               "source, or another process of the job)")
+  return (f"Input stalled: no batch for {waited:.0f} s (waiting for batch {batches + 1} of this "
+          f"process since the last one){where}. A stuck file (a FIFO, a hung network mount) "
+          "blocks the shards read beside it: fix or remove it. SIGTERM or Ctrl-C stops the run "
+          "with a checkpoint of its last step (config.input.stall_warning_seconds sets this "
+          "warning's interval).")
+
+
 def prefetch_to_device(iterator: Iterator[dict], sharding, size: int = 2,
-                       stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+                       stop: Callable[[], bool] | None = None,
+                       stall_seconds: float = 0.0) -> Iterator[dict]:
   """Keeps `size` batches already handed to the devices: transfers are asynchronous, so the
   next batches travel while the current step runs. Host batches come from `host_batches`
-  (`stop`: see there)."""
+  (`stop`, `stall_seconds`: see there)."""
   pending: collections.deque = collections.deque()
-  host = host_batches(iterator, 1, stop)  # one more host batch in memory is enough to wait on
+  # One more host batch in memory is enough to wait on.
+  host = host_batches(iterator, 1, stop, stall_seconds=stall_seconds)
   del iterator  # the reader thread's alone
   try:
     for batch in host:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -20,6 +22,23 @@ from superclip_jax.data import core, position, records, webdataset
 from superclip_jax.data.spec import Fields, expand_braces
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Shards being read in this process: (source spec, path, reader) -> when a record last came
+# (or the shard was opened), None while the reader waits for its consumer, not for the
+# shard; for the stall report (`stalled_reads`).
+_READING: dict[tuple[str, str, int], float | None] = {}
+_READING_LOCK = threading.Lock()
+
+
+def stalled_reads(older_than: float) -> list[tuple[str, str, float]]:
+  """(source spec, shard path, seconds) of the shards this process is reading that have not
+  given a record for more than `older_than` seconds, longest first."""
+  now = time.monotonic()
+  longest: dict[tuple[str, str], float] = {}
+  with _READING_LOCK:
+    for (spec, path, _), since in _READING.items():
+      if since is not None and now - since > older_than:
+        longest[spec, path] = max(longest.get((spec, path), 0.0), now - since)
+  return sorted(((s, p, t) for (s, p), t in longest.items()), key=lambda r: -r[2])
 _PROBE_SAMPLES = 16  # records read at startup to check that the fields exist
 
 
@@ -165,15 +184,25 @@ class _ShardedSource(core.Source):
     has no example for it)."""
     path = path.decode() if isinstance(path, bytes) else str(path)
     chunk = []
-    for sample in self._samples(path):
-      if not placeholders and webdataset.PROBLEM in sample:
-        continue
-      chunk.append(records.pack(self._record(sample)))
-      if len(chunk) == _CHUNK:
+    reading = (self.spec, path, id(chunk))
+    _READING[reading] = time.monotonic()
+    try:
+      for sample in self._samples(path):
+        _READING[reading] = time.monotonic()
+        if not placeholders and webdataset.PROBLEM in sample:
+          continue
+        chunk.append(records.pack(self._record(sample)))
+        if len(chunk) == _CHUNK:
+          _READING[reading] = None
+          yield np.array(chunk, dtype=object)
+          _READING[reading] = time.monotonic()
+          chunk = []
+      if chunk:
+        _READING[reading] = None
         yield np.array(chunk, dtype=object)
-        chunk = []
-    if chunk:
-      yield np.array(chunk, dtype=object)
+    finally:
+      with _READING_LOCK:
+        _READING.pop(reading, None)
 
   def _shard_dataset(self, path: tf.Tensor, placeholders: bool = True) -> tf.data.Dataset:
     return tf.data.Dataset.from_generator(

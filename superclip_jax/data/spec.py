@@ -77,6 +77,8 @@ DEFAULTS = dict(
     # Records in a row a source may skip (bad_records) before the run stops, naming it: a
     # source with nothing usable would otherwise be read forever. 0: no limit.
     max_consecutive_skips=10_000,
+    # No batch for this long logs a warning naming the shards that give no record (0: never).
+    stall_warning_seconds=300.0,
     # A resumed run with another number of processes than the one that saved the data
     # position: 'error', or 'restart' file sources where some process had not finished
     # (re-reads, never skips; position.resume_position, docs/data.md). The demo resumes exactly.
