@@ -61,7 +61,6 @@ def test_a_truncated_config_json_is_named(tmp_path):
   line = _one_error_line(_main(tmp_path))
   assert f"{tmp_path}/config.json is not valid JSON" in line and "cut short" in line
   assert (tmp_path / "config.json").read_text() == damaged  # kept as it was, no config.N.json
-  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
 
 
 @pytest.mark.parametrize("template,expected", [
