@@ -424,7 +424,7 @@ def load_state(workdir: str, step: int | None = None, mesh=None):
 
 
 def load_params(workdir: str, step: int | None = None):
-  """(config, params as numpy, idf) for export and inference.
+  """(config, params as numpy, idf, step) for export and inference; step None: the latest.
 
   idf: {'doc_freq': float64 [vocab], 'num_docs': float} — exact counts as float64.
   """
@@ -432,7 +432,7 @@ def load_params(workdir: str, step: int | None = None):
   params = jax.tree.map(np.asarray, state.params)
   idf = {"doc_freq": np.asarray(state.idf.doc_freq.value(), np.float64),
          "num_docs": float(state.idf.num_docs.value())}
-  return config, params, idf
+  return config, params, idf, int(state.step)
 
 
 def _single_device_mesh():

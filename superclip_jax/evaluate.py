@@ -26,8 +26,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import (checkpoint, config_lib, distributed, evaluators, metrics_log, models,
-                           sharding)
+from superclip_jax import (checkpoint, cli, config_lib, distributed, evaluators, metrics_log,
+                           models, sharding)
 
 # Model fields that may differ between the training config and the eval config.
 _FREE_MODEL_FIELDS = ("dtype", "remat_policy", "patch_dropout")
@@ -95,4 +95,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(cli.one_line_errors(main))

@@ -9,8 +9,9 @@
   --format=hf
     a transformers CLIPModel / CLIPTokenizer directory; the head in superclip_head.safetensors.
 
-The renaming itself is `convert.py`, the configs `torch_configs.py`; this file only writes
-files. safetensors files need no torch; the `.bin` copies are written when torch is installed.
+Every export ends with OUT/export_manifest.json, its commit point (`export_dir.py`). The
+renaming itself is `convert.py`, the configs `torch_configs.py`; this file only writes files.
+safetensors files need no torch; the `.bin` copies are written when torch is installed.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from superclip_jax import cli
 from superclip_jax import convert
+from superclip_jax import export_dir
 from superclip_jax import fs
 from superclip_jax import models
 from superclip_jax import tokenizer
@@ -36,13 +39,15 @@ FORMATS = ("openclip", "superclip", "hf")
 
 
 def write_export(params, model: models.SuperCLIP, fmt: str, out_dir, idf: Optional[dict] = None,
-                 batch_size: Optional[int] = None) -> list[str]:
+                 batch_size: Optional[int] = None, step: Optional[int] = None) -> list[str]:
   """Writes `params` of `model` to `out_dir` in format `fmt`; returns the files written.
 
   idf: {'doc_freq': [vocab], 'num_docs': float} IDF counts (superclip format; None -> zeros);
   batch_size: the global batch (config.input.batch_size), which scales them to the official
-  per-step statistics. Files of an earlier export of the same format are replaced; weights or
-  configs of another one make it an error (a loader could pick up the stale file).
+  per-step statistics; step: the checkpoint's, recorded in the manifest. Files of an earlier
+  export of the same format are replaced; weights or configs of another one make it an error
+  (a loader could pick up the stale file). The files are committed as one by
+  `export_dir.write`'s manifest (a killed export is refused by loaders, not loaded as a mix).
   """
   files = export_files(params, model, fmt, idf, batch_size)
   out = os.fspath(out_dir)
@@ -54,22 +59,20 @@ def write_export(params, model: models.SuperCLIP, fmt: str, out_dir, idf: Option
     if stale and name not in files:
       raise FileExistsError(f"{out} already holds {name}, which a {fmt} export does not "
                             f"write: use an empty --out directory")
-  written = []
-  for name, content in files.items():
-    path = fs.join(out, name)
-    if isinstance(content, str):
-      data = content.encode("utf-8")
-    elif name.endswith(".safetensors"):
-      from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-      data = save(content, metadata={"format": "pt"})  # transformers checks 'format'
-    else:
-      import torch  # pylint: disable=g-import-not-at-top
-      buffer = io.BytesIO()
-      torch.save({k: torch.from_numpy(v.copy()) for k, v in content.items()}, buffer)
-      data = buffer.getvalue()
-    fs.write_bytes(path, data)
-    written.append(path)
-  return written
+  return export_dir.write(out, fmt, step, ((name, _encode(name, content))
+                                           for name, content in files.items()))
+
+
+def _encode(name: str, content) -> bytes:
+  if isinstance(content, str):
+    return content.encode("utf-8")
+  if name.endswith(".safetensors"):
+    from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+    return save(content, metadata={"format": "pt"})  # transformers checks 'format'
+  import torch  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  torch.save({k: torch.from_numpy(v.copy()) for k, v in content.items()}, buffer)
+  return buffer.getvalue()
 
 
 def export_files(params, model, fmt: str, idf=None, batch_size=None) -> dict:
@@ -165,10 +168,10 @@ def _hf_preprocessing_files(model) -> dict:
 def main(argv):
   del argv
   from superclip_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: CLI only)
-  config, params, idf = checkpoint.load_params(flags.FLAGS.workdir, flags.FLAGS.step)
+  config, params, idf, step = checkpoint.load_params(flags.FLAGS.workdir, flags.FLAGS.step)
   model = models.model_from_config(config.model)
   written = write_export(params, model, flags.FLAGS.format, flags.FLAGS.out, idf=idf,
-                         batch_size=config.input.batch_size)
+                         batch_size=config.input.batch_size, step=step)
   print("\n".join(str(path) for path in written))
 
 
@@ -184,4 +187,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(cli.one_line_errors(main))

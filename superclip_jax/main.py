@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from superclip_jax import checkpoint, config_lib, distributed, host_malloc, train, workdir_lock
+from superclip_jax import checkpoint, cli, config_lib, distributed, host_malloc, train
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config); file.py:key=value",
                                 lock_config=True)
@@ -44,13 +44,12 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointSaveError,
-          workdir_lock.WorkdirLockedError) as e:
+  except (*cli.ERRORS, checkpoint.CheckpointSaveError) as e:
     # Our own checks say what to change: their message, not the traceback in front of it
     # (which any --verbosity shows).
-    if FLAGS["verbosity"].present or not _raised_here(e):
+    if FLAGS["verbosity"].present or not cli.raised_here(e):
       raise
-    sys.exit(f"Error: {e}")
+    cli.exit_with(e)
 
 
 def _stop_starting(signum, frame):
@@ -66,15 +65,6 @@ def _stop_starting(signum, frame):
 
 class _Stopped(SystemExit):
   """Raised by `_stop_starting`: a BaseException, so no `except Exception` stops it."""
-
-
-def _raised_here(error: BaseException) -> bool:
-  """Whether `error` was raised by this package's code (its innermost frame is ours)."""
-  tb = error.__traceback__
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(
-      os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 if __name__ == "__main__":

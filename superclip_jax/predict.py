@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from superclip_jax import fs, models
+from superclip_jax import cli, fs, models
 from superclip_jax.data import transforms
 
 
@@ -99,4 +99,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(cli.one_line_errors(main))

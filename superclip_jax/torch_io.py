@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from typing import Optional
 
 import numpy as np
 
+from superclip_jax import export_dir
 from superclip_jax import fs
 
 
@@ -133,21 +135,21 @@ def read_checkpoint_dir(directory) -> tuple[dict[str, np.ndarray], Optional[dict
 
   kind: 'openclip' (open_clip_config.json's model_cfg, or a SuperCLIP-*.json model config),
   'hf' (config.json of a transformers CLIPModel; the head side file is merged in) or ''.
+  The files read are first checked against our export manifest, where there is one
+  (`export_dir.check`).
   """
   d = os.fspath(directory)
   names = set(fs.listdir(d))
-  config, kind = None, ""
+  config_name, kind = None, ""
   if "open_clip_config.json" in names:
-    config = json.loads(fs.read_text(fs.join(d, "open_clip_config.json"))).get("model_cfg")
-    kind = "openclip"
+    config_name, kind = "open_clip_config.json", "openclip"
   elif "config.json" in names:
-    config = json.loads(fs.read_text(fs.join(d, "config.json")))
-    kind = "hf"
+    config_name, kind = "config.json", "hf"
   else:
     cfgs = [n for n in sorted(names) if n.endswith(".json")
             and "embed_dim" in json.loads(fs.read_text(fs.join(d, n)) or "{}")]
     if cfgs:
-      config, kind = json.loads(fs.read_text(fs.join(d, cfgs[0]))), "openclip"
+      config_name, kind = cfgs[0], "openclip"
   weights = next((n for n in _DIR_WEIGHTS if n in names), None)
   if weights is None:
     candidates = sorted(n for n in names if n != HF_HEAD_FILE
@@ -156,7 +158,16 @@ def read_checkpoint_dir(directory) -> tuple[dict[str, np.ndarray], Optional[dict
       raise FileNotFoundError(
           f"{d}: expected one weights file (e.g. {_DIR_WEIGHTS[0]}), found {candidates}")
     weights = candidates[0]
+  head = HF_HEAD_FILE if kind == "hf" and HF_HEAD_FILE in names else None
+  read = [n for n in (config_name, weights, head) if n]
+  if not export_dir.check(d, names, read) and head:
+    logging.warning("%s has no %s: nothing shows that %s and %s are from one export (an "
+                    "export from before manifests?); re-export to be sure", d,
+                    export_dir.MANIFEST, weights, head)
+  config = json.loads(fs.read_text(fs.join(d, config_name))) if config_name else None
+  if config_name == "open_clip_config.json":
+    config = config.get("model_cfg")
   sd = read_state_dict(fs.join(d, weights))
-  if kind == "hf" and HF_HEAD_FILE in names:
-    sd.update(read_state_dict(fs.join(d, HF_HEAD_FILE)))
+  if head:
+    sd.update(read_state_dict(fs.join(d, head)))
   return sd, config, kind

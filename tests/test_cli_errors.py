@@ -112,3 +112,15 @@ def test_templates_are_checked_in_one_place_for_every_command():
     spec.check_templates((), "f")
   with pytest.raises(ValueError, match="^zeroshot templates: template 'a photo' has no"):
     zeroshot.resolve(["cat", "dog"], ["a photo"])
+
+
+def test_export_on_a_folder_that_is_not_a_workdir_is_one_line(tmp_path):
+  """`export`, `evaluate` and `predict` share main's one-line errors (superclip_jax/cli.py)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "superclip_jax.export", f"--workdir={tmp_path / 'nothing'}",
+       "--format=hf", f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
+      timeout=300)
+  line = _one_error_line(result)
+  assert f"{tmp_path}/nothing/config.json not found: is" in line and "a superclip_jax workdir" \
+      in line, line
+  assert sorted(os.listdir(tmp_path)) == []  # neither the workdir nor --out was made

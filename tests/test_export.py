@@ -26,6 +26,7 @@ import pytest
 
 from superclip_jax import convert
 from superclip_jax import export
+from superclip_jax import export_dir
 from superclip_jax import models
 from superclip_jax import tokenizer
 from superclip_jax import torch_configs
@@ -642,6 +643,9 @@ def test_import_config_mismatch_names_field(small, tmp_path):
   cfg = json.loads((tmp_path / "open_clip_config.json").read_text())
   cfg["model_cfg"]["text_cfg"]["pool_type"] = "last"
   (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+  with pytest.raises(export_dir.ExportManifestError, match="or, if you edited it on purpose"):
+    convert.load_torch_checkpoint(tmp_path, small.model, small.params)
+  (tmp_path / export_dir.MANIFEST).unlink()  # as the message says, for a deliberate edit
   with pytest.raises(convert.CheckpointMismatchError, match="text_cfg.pool_type"):
     convert.load_torch_checkpoint(tmp_path, small.model, small.params)
   export.write_export(small.params, small.model, "hf", tmp_path / "hf")

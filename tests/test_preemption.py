@@ -74,8 +74,8 @@ def test_sigkill_at_random_moments_then_restart_is_exact(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
   assert kills >= 1
 
-  cfg_a, params_a, idf_a = checkpoint.load_params(ref)
-  cfg_b, params_b, idf_b = checkpoint.load_params(killed)
+  cfg_a, params_a, idf_a, _ = checkpoint.load_params(ref)
+  cfg_b, params_b, idf_b, _ = checkpoint.load_params(killed)
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   np.testing.assert_array_equal(idf_a["doc_freq"], idf_b["doc_freq"])
   assert _last_record_per_step(ref) == _last_record_per_step(killed)

@@ -303,7 +303,7 @@ def test_scanned_checkpoint_exports_and_serves(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), config)
   ckpt.save(0, state)
   ckpt.close()
-  cfg, params, _ = checkpoint.load_params(str(tmp_path))
+  cfg, params, _, _ = checkpoint.load_params(str(tmp_path))
   assert cfg.model.scan_layers is True
   assert params["visual"]["transformer"]["resblocks"]["ln_1"]["scale"].shape == (2, 64)
   model = models.model_from_config(cfg.model, dtype=jnp.float32)

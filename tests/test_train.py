@@ -244,7 +244,8 @@ def test_checkpoint_save_restore_gives_identical_state(tmp_path):
   s1, m1 = step(state, fixed_batch(config, 9))
   s2, m2 = step(restored, fixed_batch(config, 9))
   assert float(m1["loss"]) == float(m2["loss"])
-  cfg, params, idf = checkpoint.load_params(str(tmp_path))
+  cfg, params, idf, loaded_step = checkpoint.load_params(str(tmp_path))
+  assert loaded_step == 3  # the latest, which export records in its manifest
   assert cfg.model.variant == "mu/8"
   np.testing.assert_array_equal(params["visual"]["proj"],
                                 np.asarray(state.params["visual"]["proj"]))
