@@ -70,11 +70,7 @@ def prepare(config, mode: str, mesh) -> dict:
   host = synthetic_batch(config, np.random.default_rng(0))
   batch = jax.device_put(host, sharding.batch_sharding(mesh))
   state = factory.create()
-  step = jax.jit(train_step.make_train_step(config, factory.model, factory.tx, factory.schedule,
-                                            mesh),
-                 in_shardings=(factory.shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(factory.shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+  step = train_step.jit_train_step(config, factory)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

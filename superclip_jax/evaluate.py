@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from superclip_jax import (checkpoint, cli, config_lib, distributed, evaluators, metrics_log,
                            models, sharding)
+from superclip_jax.evaluators import summary
 
 # Model fields that may differ between the training config and the eval config.
 _FREE_MODEL_FIELDS = ("dtype", "remat_policy", "patch_dropout")
@@ -61,16 +62,21 @@ def evaluate(workdir: str, config=None, step: int | None = None, names=None) -> 
     raise ValueError("config.evals is empty: nothing to evaluate (pass --config with evals)")
   step = int(state.step)
   logger = metrics_log.MetricLogger(workdir, config.total_steps, config.input.batch_size)
-  results = {}
+  results, final = {}, []
   try:
     for name, _, evaluator in evals:
       t0 = time.monotonic()
-      metrics = {f"{name}/{k}": v for k, v in evaluator.run(state.params).items()}
+      raw = evaluator.run(state.params)
+      metrics = {f"{name}/{k}": v for k, v in raw.items()}
       metrics[f"{name}/seconds"] = time.monotonic() - t0
       logger.write(step, metrics)
       results.update(metrics)
+      final.append((name, evaluator, raw))
   finally:
     logger.close()
+  lines = summary.lines(step, int(state.examples_seen.value()), final)
+  if lines and jax.process_index() == 0:
+    print("\n".join(lines), flush=True)
   return results
 
 

@@ -59,7 +59,8 @@ QUICK_EVAL = dict(num_examples=64, batch_size=64)
 def define_flags() -> None:
   """The command line (defined only when run as a script: importing this module must not
   claim flag names such as --config or --out in the importer's process)."""
-  config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "demo.py"),
+  config_flags.DEFINE_config_file("config",
+                                  os.path.join(_REPO, "configs", "demo.py") + ":task=shapes",
                                   "Base config of every run (file.py:arg); --config.FIELD=value "
                                   "overrides any field", lock_config=False)
   flags.DEFINE_string("out", None, "Study directory: runs/, results.json, study.md, figures.")

@@ -14,6 +14,7 @@ from superclip_jax import checkpoint, config_history, config_lib, evaluators, fs
 from superclip_jax import metrics_log, mfu, nonfinite, optim, preemption, sharding, train_state
 from superclip_jax import train_step, versions, workdir_lock
 from superclip_jax.data import bad_records, input_pipeline, position, spec
+from superclip_jax.evaluators import summary
 
 
 NonFiniteError = nonfinite.NonFiniteError
@@ -57,11 +58,7 @@ def _train(config, workdir, stop_after):
       config.input.batch_size, restored, ckpt.metadata(restored) if restored else None,
       records_read=state.examples_seen.value())
 
-  step_fn = jax.jit(train_step.make_train_step(config, factory.model, factory.tx,
-                                               factory.schedule, mesh),
-                    in_shardings=(factory.shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(factory.shardings, sharding.replicated(mesh)),
-                    donate_argnums=0)
+  step_fn = train_step.jit_train_step(config, factory)
   logger = metrics_log.MetricLogger(workdir, config.total_steps, config.input.batch_size)
   start_step = int(state.step)
   start_example = state.examples_seen.value()
@@ -80,6 +77,7 @@ def _train(config, workdir, stop_after):
   pending = []  # per-step metrics still on device, fetched at log steps
   compiled = meter = None
   profile = tuple(config.get("profile_steps", ()))
+  final = []  # [(name, evaluator, metrics)] after the last step: the run-end summary
   try:
     batch = _next_batch(batches, None, start_step + 1, stop)
     for step in range(start_step + 1, config.total_steps + 1):
@@ -116,6 +114,8 @@ def _train(config, workdir, stop_after):
           results = evaluator.run(state.params)
           logger.write(step, {f"{name}/{k}": v for k, v in results.items()}
                        | {f"{name}/seconds": time.monotonic() - t0})
+          if last:
+            final.append((name, evaluator, results))
           if host_malloc.active():  # its buffers would otherwise fragment the kept heap
             host_malloc.release()
       if step % config.ckpt_steps == 0 or last or stop.requested:
@@ -135,6 +135,10 @@ def _train(config, workdir, stop_after):
     finally:
       stop.restore()
       logger.close()
+  if final and jax.process_index() == 0:
+    print("\n".join(summary.lines(config.total_steps,
+                                   config.total_steps * config.input.batch_size, final)),
+          flush=True)
   return state
 
 

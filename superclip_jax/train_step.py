@@ -184,3 +184,13 @@ def make_train_step(config, model, tx, schedule, mesh=None):
                          tuple(config.get("frozen", ()))),
       tx=tx, schedule=schedule, use_idf=config.loss.use_idf,
       batch_size=config.input.batch_size, accum_steps=config.get("accum_steps", 1))
+
+
+def jit_train_step(config, factory: train_state.StateFactory):
+  """The step as training runs it: jitted with the state's shardings, the batch split over
+  the mesh's batch axes, metrics replicated, and the old state donated (its buffers reused)."""
+  mesh = factory.mesh
+  return jax.jit(make_train_step(config, factory.model, factory.tx, factory.schedule, mesh),
+                 in_shardings=(factory.shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(factory.shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)

@@ -48,7 +48,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 def demo_config():
   sys.path.insert(0, REPO)
   from configs import demo as demo_config_file
-  c = demo_config_file.get_config("mode=clip")
+  c = demo_config_file.get_config("task=shapes,mode=clip")
   c.evals = {}
   return c
 

@@ -1,6 +1,7 @@
 """The entry point end to end on the demo data (tiny model), and exact resumption."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,13 @@ def test_demo_entry_point_runs_logs_evaluates_and_resumes(tmp_path):
   assert 0 <= last["data_wait_fraction"] <= 1 and "MFU " in r.stdout
   zs = [x for x in recs if any("zeroshot" in k for k in x)]
   assert zs and 0.0 <= zs[-1]["zeroshot/colour_top1"] <= 1.0
+  # The run ends with its final evals beside their chance levels (5 positions, 6 colours;
+  # R@1 of 512 images among 512 for text-to-image), as metrics.jsonl has them.
+  summary = r.stdout[r.stdout.index("Final evals at step 4 (64 samples seen):"):]
+  position = 100 * zs[-1]["zeroshot/position_top1"]
+  assert re.search(rf"zeroshot/position_top1 +{position:.1f}%   \(chance 20\.0%\)", summary)
+  assert "zeroshot/colour_top1" in summary and "(chance 16.7%)" in summary
+  assert "retrieval/text_to_image_R@1 " in summary and "(chance 0.2%)" in summary
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   assert checkpoint.Checkpointer(wd, checkpoint.read_config(wd)).latest_step() == 4
   # The versions in use: printed once at start-up and kept beside the config.

@@ -22,7 +22,7 @@ def demo_config():
   spec = importlib.util.spec_from_file_location("demo_config", f"{REPO}/configs/demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(None)
+  return module.get_config("task=shapes")  # the study's base (study.py)
 
 
 # --- Grid and configs (nothing trains) -------------------------------------------------------

@@ -179,5 +179,10 @@ class LinearProbeEvaluator:
     num_classes = int(self.num_classes or max(train_y.max(), test_y.max()) + 1)
     metrics = linear_probe(train_x, train_y, test_x, test_y, num_classes, **self.probe_kwargs)
     metrics.update({"num_train": float(len(train_x)), "num_test": float(len(test_x)),
-                    "num_bad_images": float(train_bad + test_bad)})
+                    "num_bad_images": float(train_bad + test_bad),
+                    "num_classes": float(num_classes)})
     return metrics
+
+  def chance_levels(self, metrics: dict) -> dict:
+    """Test top-1 against a uniform guess over the classes (the run-end summary)."""
+    return {"top1": 1.0 / metrics["num_classes"]} if metrics.get("num_classes") else {}

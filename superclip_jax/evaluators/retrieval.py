@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from superclip_jax.evaluators import common, eval_data
+from superclip_jax.evaluators import common, eval_data, summary
 
 # Each similarity block holds at most this many scores (64 MB of float32).
 _BLOCK = 1 << 24
@@ -133,3 +133,14 @@ class RetrievalEvaluator:
     metrics["num_captions"] = float(len(ztxt))
     metrics["num_bad_images"] = float(np.sum(out["bad"]))
     return metrics
+
+  def chance_levels(self, metrics: dict) -> dict:
+    """R@K for the smallest and largest K in both directions against random scores (the
+    run-end summary): `summary.retrieval_chance` with the mean caption count per image."""
+    images, captions = metrics["num_images"], metrics["num_captions"]
+    if not images or not captions:
+      return {}
+    ks = sorted({min(self.ks), max(self.ks)})
+    return ({f"image_to_text_R@{k}": summary.retrieval_chance(captions, captions / images, k)
+             for k in ks}
+            | {f"text_to_image_R@{k}": summary.retrieval_chance(images, 1, k) for k in ks})

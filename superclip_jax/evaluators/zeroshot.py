@@ -197,3 +197,9 @@ class ZeroShotEvaluator:
     metrics["num_examples"] = float(len(out["bad"]))
     metrics["num_bad_images"] = float(np.sum(out["bad"]))
     return metrics
+
+  def chance_levels(self, metrics: dict) -> dict:
+    """Each task's top-1 against a uniform guess over its classes (the run-end summary)."""
+    del metrics
+    return {f"{task}_top1" if task else "top1": 1.0 / len(classnames)
+            for task, (_, classnames, _) in self.tasks.items()}
