@@ -18,8 +18,8 @@ NO_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; "
 def test_bench_step_times_superclip_and_clip_without_tensorflow(tmp_path):
   out = tmp_path / "bench.json"
   r = subprocess.run(
-      [sys.executable, "-c", NO_TF, "--config=configs/demo.py", "--steps=3", "--warmup=1",
-       "--batch_per_device=16", f"--json_out={out}"],
+      [sys.executable, "-c", NO_TF, "--config=configs/demo.py:task=shapes", "--steps=3",
+       "--warmup=1", "--batch_per_device=16", f"--json_out={out}"],
       cwd=REPO, env=cpu_devices.env(1, cached=True), capture_output=True, text=True,
       timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
