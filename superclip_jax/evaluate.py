@@ -74,9 +74,7 @@ def evaluate(workdir: str, config=None, step: int | None = None, names=None) -> 
       final.append((name, evaluator, raw))
   finally:
     logger.close()
-  lines = summary.lines(step, int(state.examples_seen.value()), final)
-  if lines and jax.process_index() == 0:
-    print("\n".join(lines), flush=True)
+  summary.report(step, int(state.examples_seen.value()), final)
   return results
 
 

@@ -135,10 +135,8 @@ def _train(config, workdir, stop_after):
     finally:
       stop.restore()
       logger.close()
-  if final and jax.process_index() == 0:
-    print("\n".join(summary.lines(config.total_steps,
-                                   config.total_steps * config.input.batch_size, final)),
-          flush=True)
+  if final:
+    summary.report(int(state.step), int(state.examples_seen.value()), final)
   return state
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 
 def retrieval_chance(num_candidates: float, per_query: float, k: int) -> float:
   """P(at least one of a query's `per_query` right candidates is among the `k` best of
@@ -37,3 +39,10 @@ def lines(step: int, samples: int, results: list[tuple[str, object, dict]]) -> l
   for label, value, chance in rows:
     out.append(f"  {label:<{width}}  {100 * value:5.1f}%   (chance {100 * chance:.1f}%)")
   return out
+
+
+def report(step: int, samples: int, results: list[tuple[str, object, dict]]) -> None:
+  """Prints `lines` on process 0 (nothing when no eval has a chance level)."""
+  out = lines(step, samples, results)
+  if out and jax.process_index() == 0:
+    print("\n".join(out), flush=True)
