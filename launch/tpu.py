@@ -15,12 +15,16 @@ with `gcloud compute tpus queued-resources ssh/scp --node=all --worker=all`. Wor
 this repository: `setup` copies a wheel built here plus the configs/ folder to
 ~/superclip_jax_launch on every worker and installs the wheel with its `[tpu,gcs]` extras
 (jax[tpu]; google-cloud-storage for gs:// workdirs) into a Python 3.11 venv there (uv; the
-TPU images' own Python is 3.10). docs/launch.md has the walk-through. Standard library only:
-runs wherever gcloud does.
+TPU images' own Python is 3.10). Before `create` (and `watch`) asks for a slice, the train step
+of --config is compiled for it here by superclip_jax/plan.py, and a config that does not fit
+the chips' memory stops the launch with the numbers (--skip-plan skips the check; a dry run
+prints the plan). docs/launch.md has the walk-through. Standard library only (the plan runs in
+a subprocess): runs wherever gcloud does.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -73,6 +77,7 @@ class Tpu:
   def __init__(self, args, shell: Shell):
     self.args, self.shell = args, shell
     self._stage = self._wheel_name = None  # set by wheel()
+    self._planned = False  # check_plan ran
 
   def _gcloud(self, *words: str, track: str | None = None) -> list[str]:
     cmd = [os.environ.get("GCLOUD", "gcloud"), *([track] if track else []), "compute", "tpus",
@@ -101,7 +106,65 @@ class Tpu:
         state = r.stdout.strip()
     return state
 
+  def check_plan(self) -> None:
+    """Compiles the train step of --config for the slice here, before it is paid for
+    (superclip_jax/plan.py, with the TPU compiler of the `tpu` extra; no TPU needed), and stops
+    with the numbers where it does not fit. Once per launcher run; --skip-plan skips it."""
+    a = self.args
+    if self._planned or a.skip_plan:
+      return
+    self._planned = True
+    config = getattr(a, "config", None)
+    if not config:
+      self.shell.note("no --config: the train step is not planned for the slice (give --config "
+                      "to check that it fits first)")
+      return
+    overrides = [w for w in getattr(a, "trainer_args", []) if w.startswith("--config.")]
+    where = a.accelerator_type + (f" x {a.node_count} slices" if a.node_count > 1 else "")
+    self.shell.note(f"planning {config} on {where}: compiling its train step here (minutes for "
+                    "a large slice; --skip-plan skips this)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "plan.json")
+      r = subprocess.run([sys.executable, "-m", "superclip_jax.plan", f"--config={config}",
+                          *overrides, f"--topology={a.accelerator_type}",
+                          f"--slices={a.node_count}", f"--json_out={out}"],
+                         capture_output=True, text=True, env=env)
+      result = json.load(open(out)) if r.returncode in (0, 2) and os.path.exists(out) else None
+    if result is None:
+      last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+      cannot = "not installed" in last or "ModuleNotFoundError" in last
+      if cannot and self.shell.dry_run:
+        self.shell.note(f"not planned: {last}")
+        return
+      hint = (" (install the plan's compiler here: pip install -e '.[tpu]', Python 3.12)"
+              if cannot else "")
+      sys.exit(f"launch/tpu.py: planning {config} on {where} failed: {last}{hint}; "
+               "--skip-plan creates the slice without the check")
+    for line in r.stdout.splitlines():
+      if line.startswith("|") and self.shell.dry_run:
+        self.shell.note(line)
+    gib = lambda n: f"{n / (1 << 30):.2f}"
+    at = f"at {result['batch_per_chip']} pairs per chip"
+    if result["fits"]:
+      self.shell.note(f"plan: {config} fits {where}: {gib(result['total_bytes'])} GiB per chip "
+                      f"of {gib(result['hbm_bytes'])} GiB HBM {at}")
+      return
+    if result["compiled"]:
+      why = (f"{gib(result['total_bytes'])} GiB per chip of {gib(result['hbm_bytes'])} GiB HBM "
+             f"(arguments {gib(result['argument_bytes'])}, temporaries "
+             f"{gib(result['temp_bytes'])})")
+    else:
+      why = (f"the TPU compiler refused its train step: {result['refused_for']} need "
+             f"{gib(result['temp_bytes'])} GiB per chip, {gib(result['available_bytes'])} GiB "
+             "available")
+    sys.exit(f"launch/tpu.py: {config} does not fit {where}: {why} {at}; shard more "
+             "(mesh.fsdp), remat (model.remat_policy), fewer pairs per chip with accum_steps, "
+             "or a larger slice (--skip-plan creates it anyway)")
+
   def create(self) -> None:
+    self.check_plan()
     a = self.args
     tier = [flag for flag, on in (("--spot", a.spot), ("--reserved", a.reserved),
                                   ("--best-effort", a.best_effort)) if on]
@@ -237,6 +300,7 @@ def watch(tpu: Tpu, shell: Shell) -> int:
   which resumes from its latest checkpoint. Ends with the run's exit status; a run that fails
   while its slice stays ACTIVE is a training error, not retried."""
   a = tpu.args
+  tpu.check_plan()  # before anything is asked of the cloud
   if shell.dry_run:
     tpu.create()
     shell.note(f"every {a.poll_seconds:g} s, until ACTIVE:")
@@ -310,6 +374,8 @@ def parse(argv: list[str]):
   shape.add_argument("--runtime-version", help="default by generation: " + ", ".join(
       f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items()))
   shape.add_argument("--node-count", type=int, default=1, help="slices (multislice if > 1)")
+  shape.add_argument("--skip-plan", action="store_true", help="create without compiling the "
+                     "train step of --config for the slice first (superclip_jax/plan.py)")
   tier = shape.add_mutually_exclusive_group()
   tier.add_argument("--spot", action="store_true", help="Spot VMs (cheap, preemptible)")
   tier.add_argument("--reserved", action="store_true", help="your reservation's capacity")
@@ -326,7 +392,10 @@ def parse(argv: list[str]):
   train.add_argument("--log-sync-seconds", type=int, default=60,
                      help="how often each worker copies its log to WORKDIR/logs/")
   sub = p.add_subparsers(dest="command", required=True)
-  sub.add_parser("create", parents=[shape], help="request the slice (an existing one is kept)")
+  create = sub.add_parser("create", parents=[shape], help="request the slice (an existing one "
+                          "is kept), once --config's train step is planned to fit it")
+  create.add_argument("--config", help="the config to plan for the slice first (as `run` "
+                      "takes it)")
   sub.add_parser("setup", parents=[install], help="install the package on every worker")
   sub.add_parser("run", parents=[train], help="train on every worker (flags after --: the "
                  "trainer's)")

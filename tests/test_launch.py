@@ -213,7 +213,8 @@ def _watch(tmp_path, qr_states, run_results, *extra):
   wheel.write_text("a wheel")
   env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
              FAKE_GCLOUD_DIR=str(fake))
-  r = _tpu("watch", "--accelerator-type=v4-32", "--spot", f"--wheel={wheel}",
+  # --skip-plan: planning B/16 for the slice is tests/test_plan.py's (with the TPU compiler).
+  r = _tpu("watch", "--accelerator-type=v4-32", "--spot", "--skip-plan", f"--wheel={wheel}",
            f"--stage-dir={tmp_path / 'stage'}", "--poll-seconds=0.05", *extra, *RUN, "--", DATA,
            env=env, check=False)
   calls = [shlex.split(line) for line in (fake / "calls").read_text().splitlines()]
